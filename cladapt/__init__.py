@@ -1,0 +1,2 @@
+"""cladapt: parameter-efficient adapters for continual fine-tuning."""
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Shared CLI plumbing: the registry option, the console, rendering helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from cladapt.registry.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def default_registry() -> Path:
+    """``$CLADAPT_REGISTRY``, else ``./.cladapt``."""
+    return Path(os.environ.get("CLADAPT_REGISTRY", ".cladapt"))
+
+
+def registry_option(func: F) -> F:
+    """``--registry PATH`` (env ``CLADAPT_REGISTRY``, default ``./.cladapt``)."""
+    return click.option(
+        "--registry",
+        "registry",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="registry folder [env CLADAPT_REGISTRY; default ./.cladapt]",
+    )(func)
+
+
+def open_store(path: Path | None, *, create: bool = False) -> Store:
+    """Open the registry at ``path`` (or the default); ``create`` initialises a missing one."""
+    from cladapt.registry.store import Store
+
+    root = path or default_registry()
+    if create and not (root / "cladapt-registry.json").exists():
+        logging.getLogger("cladapt").info("Creating registry %s", root)
+        return Store.init(root, exist_ok=True)
+    return Store.open(root)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def config_options(func: F) -> F:
+    """``--config`` (repeatable) and ``--set`` (repeatable)."""
+    func = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set lora.r=16 (repeatable)",
+    )(func)
+    func = click.option(
+        "--config",
+        "configs",
+        multiple=True,
+        metavar="FILE|PRESET",
+        help="YAML config file or preset name (configs/train/*.yaml), applied in order (repeatable)",
+    )(func)
+    return func

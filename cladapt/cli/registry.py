@@ -1,0 +1,232 @@
+"""Registry commands: init, verify, list, show, rm, export, generate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from cladapt.cli.common import console, echo_json, open_store, registry_option
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Create and check adapter registries."""
+
+
+@registry_group.command("init")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path), required=False)
+def registry_init(path: Path | None) -> None:
+    """Create an empty registry at PATH (default: $CLADAPT_REGISTRY or ./.cladapt)."""
+    from cladapt.cli.common import default_registry
+    from cladapt.registry.store import Store
+
+    store = Store.init(path or default_registry())
+    console.print(f"initialised registry [bold]{store.root}[/]")
+
+
+@registry_group.command("verify")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--reindex", is_flag=True, help="rebuild the index from the manifests first")
+def registry_verify(path: Path | None, reindex: bool) -> None:
+    """Re-hash every blob and check the index against the manifests; exit 1 on any problem."""
+    store = open_store(path)
+    problems = store.verify(reindex=reindex)
+    for p in problems:
+        console.print(f"[red]{p.where}[/]: {p.message}", highlight=False)
+    if problems:
+        console.print(f"[bold red]{len(problems)} problem(s)[/]")
+        sys.exit(1)
+    n = len(store.list())
+    console.print(f"[green]registry OK[/]: {n} version(s), every blob matches its sha256")
+
+
+def _record_row(r: object) -> dict[str, object]:
+    m = r.manifest  # type: ignore[attr-defined]
+    return {
+        "task": r.task, "version": r.version, "status": r.status, "method": r.method,  # type: ignore[attr-defined]
+        "composition": r.composition, "r": r.r, "alpha": r.alpha,  # type: ignore[attr-defined]
+        "base_model": m.base_model.get("id"), "base_fingerprint": r.base_fingerprint,  # type: ignore[attr-defined]
+        "created": r.created, "parents": list(r.parents), "metrics": m.metrics,  # type: ignore[attr-defined]
+    }
+
+
+def _fmt_metrics(metrics: dict[str, object]) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.3g}")
+        elif isinstance(v, (int, str)):
+            parts.append(f"{k}={v}")
+    return " ".join(parts[:4])
+
+
+@click.command("list")
+@registry_option
+@click.option("--task", default=None, help="only this task")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def list_cmd(registry: Path | None, task: str | None, as_json: bool) -> None:
+    """Every version: task, version, status, method, rank, base model, created, metrics."""
+    store = open_store(registry)
+    records = store.list(task)
+    if as_json:
+        echo_json([_record_row(r) for r in records])
+        return
+    table = Table(title=f"registry {store.root}", show_lines=False)
+    for col in ("task", "ver", "status", "method", "comp", "r", "alpha", "base model", "created", "metrics"):
+        table.add_column(col)
+    colors = {"active": "green", "rejected": "red", "archived": "dim", "candidate": "yellow"}
+    for r in records:
+        table.add_row(
+            r.task, str(r.version), f"[{colors.get(r.status, 'white')}]{r.status}[/]", r.method, r.composition,
+            str(r.r), f"{r.alpha:g}", str(r.manifest.base_model.get("id")), r.created[:19].replace("T", " "),
+            _fmt_metrics(r.manifest.metrics),
+        )
+    console.print(table)
+    if not records:
+        console.print("(empty: `cladapt train --task NAME --data FILE` adds the first version)")
+
+
+@click.command("show")
+@click.argument("ref")
+@registry_option
+@click.option("--json", "as_json", is_flag=True)
+def show_cmd(ref: str, registry: Path | None, as_json: bool) -> None:
+    """Full metadata of one version (REF = task or task@N): files + sha256, lineage, config."""
+    store = open_store(registry)
+    rec = store.get(ref)
+    payload = rec.manifest.model_dump(mode="json")
+    payload["status"] = rec.status
+    payload["path"] = str(rec.path)
+    payload["evaluations"] = store.evaluations(f"{rec.task}@{rec.version}")
+    dependants = [f"{r.task}@{r.version}" for r in store.list() if f"{rec.task}@{rec.version}" in r.parents]
+    payload["dependants"] = dependants
+    if as_json:
+        echo_json(payload)
+        return
+    console.rule(f"[bold]{rec.task}@{rec.version}[/] ({rec.status})")
+    for key in ("method", "composition", "created", "seed"):
+        console.print(f"[bold]{key}[/]: {payload[key]}", highlight=False)
+    console.print(f"[bold]base model[/]: {payload['base_model']}", highlight=False)
+    console.print(f"[bold]lora[/]: {payload['lora']}", highlight=False)
+    console.print(f"[bold]method config[/]: {payload['method_config']}", highlight=False)
+    console.print(f"[bold]data[/]: {payload['data']}", highlight=False)
+    console.print(f"[bold]parents[/]: {payload['parents'] or '-'}   [bold]dependants[/]: {dependants or '-'}")
+    console.print(f"[bold]train[/]: {payload['train_stats']}", highlight=False)
+    console.print(f"[bold]metrics[/]: {payload['metrics']}", highlight=False)
+    files = Table("file", "size", "sha256")
+    for f in payload["files"]:
+        files.add_row(f["path"], str(f["size"]), f["sha256"][:16] + "…")
+    console.print(files)
+    console.print("[bold]resolved config[/]:")
+    click.echo(json.dumps(payload["config"], indent=2))
+
+
+@click.command("rm")
+@click.argument("ref")
+@registry_option
+@click.option("--force", is_flag=True, help="remove even if later versions list it as a parent")
+def rm_cmd(ref: str, registry: Path | None, force: bool) -> None:
+    """Remove one version (refuses if a later version depends on it, unless --force)."""
+    store = open_store(registry)
+    rec = store.get(ref)
+    store.remove(f"{rec.task}@{rec.version}", force=force)
+    console.print(f"removed {rec.task}@{rec.version}")
+
+
+@click.command("export")
+@click.argument("ref", required=False)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@registry_option
+@click.option("--merged", is_flag=True, help="all active sum-composed adapters as ONE LoRA of rank sum(r_t)")
+def export_cmd(ref: str | None, out: Path, registry: Path | None, merged: bool) -> None:
+    """Write a plain PEFT adapter folder (loadable by PeftModel.from_pretrained and vLLM).
+
+    \b
+    cladapt export sentiment out/            # one version
+    cladapt export --merged out/             # the summed task adapters as one LoRA
+    """
+    from cladapt.adapters.loading import summed_versions, write_merged
+    from cladapt.base_model import BaseModelInfo
+
+    store = open_store(registry)
+    if out.exists() and any(out.iterdir()):
+        raise click.UsageError(f"{out} exists and is not empty")
+    if merged:
+        if ref:
+            raise click.UsageError("--merged takes no REF: it merges every active sum-composed version")
+        recs = store.list()
+        if not recs:
+            raise click.UsageError("the registry is empty")
+        # merge per base model: use the newest version's base
+        newest = max(recs, key=lambda r: r.created)
+        bm = newest.manifest.base_model
+        info = BaseModelInfo(bm["id"], Path("."), bm["fingerprint"], bm.get("tokenizer_fingerprint", ""))
+        chosen = summed_versions(store, info)
+        ranks = write_merged(store, chosen, out, bm["id"])
+        console.print(
+            f"exported {len(chosen)} adapters ({', '.join(f'{r.task}@{r.version}' for r in chosen)}) "
+            f"as one LoRA of rank {max(ranks.values())} to {out}"
+        )
+        return
+    if not ref:
+        raise click.UsageError("give a REF (task or task@N), or --merged")
+    rec = store.get(ref)
+    src = store.adapter_dir(f"{rec.task}@{rec.version}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy2(f, out / f.name)
+    console.print(f"exported {rec.task}@{rec.version} to {out}")
+
+
+@click.command("generate")
+@click.argument("prompts", nargs=-1, required=True)
+@registry_option
+@click.option("--adapter", "adapters", multiple=True, help="version(s) to apply (task or task@N)")
+@click.option("--compose", type=click.Choice(["sum"]), default=None, help="all active sum-composed adapters at once")
+@click.option("--base-model", default=None, help="override the base model recorded in the adapter")
+@click.option("--max-new-tokens", type=int, default=64)
+def generate_cmd(
+    prompts: tuple[str, ...], registry: Path | None, adapters: tuple[str, ...], compose: str | None,
+    base_model: str | None, max_new_tokens: int,
+) -> None:
+    """Answer PROMPTS with the base model plus adapter(s), greedy, through the chat template."""
+    from cladapt.adapters.loading import attach, attach_sum
+    from cladapt.base_model import load
+    from cladapt.generation import generate
+
+    store = open_store(registry)
+    if adapters and compose:
+        raise click.UsageError("use --adapter or --compose, not both")
+    if adapters:
+        first = store.get(adapters[0])
+        base_id = base_model or first.manifest.base_model["id"]
+    else:
+        recs = store.list()
+        base_id = base_model or (max(recs, key=lambda r: r.created).manifest.base_model["id"] if recs else None)
+        if base_id is None:
+            raise click.UsageError("the registry is empty; pass --base-model to talk to a base model alone")
+    model, tok, info = load(base_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        if adapters:
+            model, names = attach(model, store, info, list(adapters))
+            if len(names) > 1:
+                model.base_model.set_adapter(names)
+            label = ", ".join(adapters)
+        elif compose:
+            model, used = attach_sum(model, store, info, Path(tmp))
+            label = f"sum of {', '.join(used)}"
+        else:
+            label = "base model"
+        answers = generate(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=max_new_tokens)
+    for p, a in zip(prompts, answers, strict=True):
+        console.print(f"[dim]({label})[/] [bold]{p}[/]", highlight=False)
+        click.echo(a)
+
+
+commands: list[click.Command] = [registry_group, list_cmd, show_cmd, rm_cmd, export_cmd, generate_cmd]

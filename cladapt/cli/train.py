@@ -1,0 +1,138 @@
+"""``cladapt train`` and ``cladapt config check``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cladapt.cli.common import config_options, console, open_store, registry_option
+
+
+def _flag_overrides(**flags: object) -> list[str]:
+    """Translate convenience flags into ``--set`` overrides (flags win over config files)."""
+    out: list[str] = []
+    if flags.get("base_model"):
+        out.append(f"base_model={flags['base_model']}")
+    if flags.get("seed") is not None:
+        out.append(f"train.seed={flags['seed']}")
+    if flags.get("asd"):
+        out.append("asd.enabled=true")
+    if flags.get("asd_generator"):
+        out.append(f"asd.generator={flags['asd_generator']}")
+    if flags.get("replay"):
+        out.append("replay.enabled=true")
+    if flags.get("replay_loss"):
+        out.append(f"replay.loss={flags['replay_loss']}")
+    if flags.get("replay_ratio") is not None:
+        out.append(f"replay.ratio={flags['replay_ratio']}")
+    if flags.get("eval_on_history"):
+        out.append("eval.on_history=true")
+    if flags.get("eval_every"):
+        out.append(f"eval.every={flags['eval_every']}")
+    return out
+
+
+@click.command("train")
+@click.option("--task", required=True, help="task name (letters, digits, '-', '_'); each run adds a version")
+@click.option(
+    "--data", "data", required=True, multiple=True, type=click.Path(path_type=Path),
+    help="training data: .jsonl/.json/.csv/.tsv/.parquet or a saved dataset folder (repeatable)",
+)
+@click.option("--method", default=None, help="continual-learning method (see `cladapt methods`) [default: lora]")
+@config_options
+@registry_option
+@click.option("--base-model", default=None, help="Hugging Face id or folder [default: smollm2-135m-instruct]")
+@click.option("--seed", type=int, default=None, help="shortcut for --set train.seed=N")
+@click.option("--resume", is_flag=True, help="continue an interrupted run of the same task, data and config")
+@click.option("--asd", is_flag=True, help="answer-style diversification of the task data (methods.md §4.1)")
+@click.option("--asd-generator", type=click.Choice(["base", "none"]), default=None, help="who writes explanations")
+@click.option("--replay", type=click.Choice(["general"]), default=None, help="GeRe general-sample replay")
+@click.option("--replay-loss", type=click.Choice(["tm", "lf", "kl", "l1", "l2"]), default=None)
+@click.option("--replay-ratio", type=float, default=None, help="replay share of every batch (default: concatenate)")
+@click.option(
+    "--eval-data", multiple=True, type=click.Path(path_type=Path),
+    help="held-out data of this task, scored after training and kept for later tasks' --eval-on-history",
+)
+@click.option("--eval-on-history", is_flag=True, help="after training, re-score every earlier task")
+@click.option("--eval-every", type=int, default=None, help="score seen tasks every N steps (stability-gap curves)")
+@click.option("--json", "as_json", is_flag=True, help="print the new version's record as JSON")
+def train_cmd(
+    task: str,
+    data: tuple[Path, ...],
+    method: str | None,
+    configs: tuple[str, ...],
+    overrides: tuple[str, ...],
+    registry: Path | None,
+    resume: bool,
+    eval_data: tuple[Path, ...],
+    as_json: bool,
+    **flags: object,
+) -> None:
+    """Train a task adapter and commit it as a new registry version.
+
+    \b
+    cladapt train --task sentiment --data sentiment.jsonl
+    cladapt train --task topics --data topics.csv --config cpu-small --set lora.r=16
+    cladapt train --task amazon --data amazon.jsonl --method olora --asd --replay general
+
+    Nothing is written to the registry unless the run finishes; an interrupted run can be
+    continued with --resume.
+    """
+    from cladapt.config import load_config
+    from cladapt.train.extensions import build_extensions
+    from cladapt.train.gate import make_after_train
+    from cladapt.train.run import train_task
+
+    cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *_flag_overrides(**flags)])
+    store = open_store(registry, create=True)
+    after = make_after_train(store, cfg, task, [str(p) for p in eval_data] or None)
+    record = train_task(
+        store, task, [str(p) for p in data], cfg, resume=resume,
+        extensions=build_extensions(cfg, store), after_train=after,
+    )
+    if as_json:
+        click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
+        return
+    stats = record.manifest.train_stats
+    color = {"active": "green", "rejected": "red"}.get(record.status, "yellow")
+    console.print(
+        f"[bold]{record.task}@{record.version}[/] committed as [{color}]{record.status}[/] "
+        f"({record.method}, r={record.r}, {stats.get('steps')} steps, loss {stats.get('train_loss')}, "
+        f"{stats.get('wall_seconds')} s)"
+    )
+    if record.manifest.metrics:
+        console.print(f"metrics: {json.dumps(record.manifest.metrics, default=str)}", highlight=False)
+
+
+@click.group("config")
+def config_group() -> None:
+    """Inspect and validate run configurations."""
+
+
+@config_group.command("check")
+@click.argument("files", nargs=-1)
+@click.option("--method", default=None)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def config_check(files: tuple[str, ...], method: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate config files (and overrides) without training; print the resolved config."""
+    import yaml
+
+    from cladapt.config import load_config
+
+    cfg, prov = load_config(method=method, files=files, overrides=overrides)
+    click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    console.print("[green]config OK[/]")
+
+
+@config_group.command("presets")
+def config_presets() -> None:
+    """List the bundled presets."""
+    from cladapt.config import preset_names
+
+    for kind in ("train", "methods"):
+        click.echo(f"{kind}: {', '.join(preset_names(kind))}")
+
+
+commands: list[click.Command] = [train_cmd, config_group]

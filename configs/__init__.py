@@ -1,0 +1,1 @@
+"""YAML presets (package data): ``train/`` run presets and ``methods/`` per-method defaults."""

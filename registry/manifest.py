@@ -1,0 +1,360 @@
+"""The per-version metadata schema (``manifest.json``), the per-task ``status.json``, and integrity.
+
+A version directory is immutable once committed; its ``manifest.json`` records *everything* needed
+to reproduce and trust it: the method and its config, the base model's fingerprint, the LoRA
+shape, the data's hash, the seed, the lineage (``parents``) and the sha256 of every file. Status
+(active / candidate / rejected / archived) is deliberately *not* in the manifest: it changes over
+time, so it lives in ``tasks/<task>/status.json``, which is replaced atomically.
+
+The SQLite index is derived from these two files and can always be rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cladapt.errors import IntegrityError, RegistryError
+from cladapt.registry.fsio import atomic_write_json, iter_files, sha256_bytes, sha256_file
+from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA_VERSION = 1
+Status = Literal["active", "candidate", "rejected", "archived"]
+STATUSES: tuple[str, ...] = ("active", "candidate", "rejected", "archived")
+Composition = Literal["route", "sum", "single"]
+#: Files a version may never contain: formats that unpickle (run code) when loaded.
+FORBIDDEN_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
+_UPGRADE_HINT = "upgrade cladapt (pip install -U cladapt) to read this registry"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inconsistency found by :meth:`Store.verify`: where it is and what is wrong."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class FileEntry(BaseModel):
+    """One file of a version, relative to the version directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, value: str) -> str:
+        try:
+            return validate_relpath(value)
+        except RegistryError as exc:
+            raise ValueError(exc.message) from exc
+
+
+class Manifest(BaseModel):
+    """The immutable record of one adapter version (``tasks/<task>/v<N>/manifest.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    task: str
+    version: int = Field(ge=1)
+    method: str = Field(min_length=1)
+    method_config: dict[str, Any] = Field(default_factory=dict)
+    composition: Composition
+    base_model: dict[str, Any]  # {"id", "fingerprint", "tokenizer_fingerprint"}
+    lora: dict[str, Any]  # {"r", "alpha", "dropout", "target_modules"}
+    data: dict[str, Any]  # {"files", "sha256", "rows"}
+    config: dict[str, Any]  # the fully resolved run config
+    seed: int
+    created: str  # ISO-8601 UTC
+    parents: list[str] = Field(default_factory=list)
+    train_stats: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: list[FileEntry] = Field(default_factory=list)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value > MANIFEST_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is newer than this cladapt understands ({MANIFEST_SCHEMA_VERSION})")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        try:
+            return validate_task_name(value)
+        except RegistryError as exc:
+            raise ValueError(exc.message) from exc
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The fingerprint is what keeps an adapter off the wrong base model: it must be there.
+        for key in ("id", "fingerprint"):
+            if not isinstance(value.get(key), str) or not value[key]:
+                raise ValueError(f"base_model.{key} must be a non-empty string")
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, value: dict[str, Any]) -> dict[str, Any]:
+        r, alpha = value.get("r"), value.get("alpha")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"lora.r must be an integer >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+            raise ValueError(f"lora.alpha must be a number, got {alpha!r}")
+        return value
+
+    @field_validator("parents")
+    @classmethod
+    def _parents(cls, value: list[str]) -> list[str]:
+        # Stored in canonical form ("amazon@3") so the index and dependants checks compare equal.
+        canonical: list[str] = []
+        for text in value:
+            try:
+                ref = AdapterRef.parse(text)
+            except RegistryError as exc:
+                raise ValueError(exc.message) from exc
+            if ref.version is None:
+                raise ValueError(f"parent {text!r} must name a version, e.g. '{ref.task}@1'")
+            if str(ref) not in canonical:
+                canonical.append(str(ref))
+        return canonical
+
+    @model_validator(mode="after")
+    def _unique_files(self) -> Manifest:
+        seen: set[str] = set()
+        for entry in self.files:
+            if entry.path in seen:
+                raise ValueError(f"file {entry.path!r} is listed twice")
+            seen.add(entry.path)
+        return self
+
+    @property
+    def ref(self) -> AdapterRef:
+        """The explicit ref of this version."""
+        return AdapterRef(self.task, self.version)
+
+    def file(self, relpath: str) -> FileEntry | None:
+        """The entry for ``relpath``, or None."""
+        return next((e for e in self.files if e.path == relpath), None)
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
+    """Turn pydantic's errors into 'key.path: message' lines (all of them, not only the first)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{prefix}{loc}: {err['msg']}" if loc else f"{prefix}{err['msg']}")
+    return lines
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate one ``manifest.json``.
+
+    Raises:
+        RegistryError: the manifest was written by a newer cladapt.
+        IntegrityError: the file is missing, not JSON, or does not match the schema.
+    """
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: unreadable manifest ({exc})", hint="run `cladapt registry verify`") from exc
+    if isinstance(raw, dict) and isinstance(raw.get("schema_version"), int) and raw["schema_version"] > MANIFEST_SCHEMA_VERSION:
+        raise RegistryError(f"{path}: manifest schema {raw['schema_version']} is newer than this cladapt", hint=_UPGRADE_HINT)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        detail = "; ".join(format_validation_error(exc))
+        raise IntegrityError(f"{path}: invalid manifest: {detail}", hint="run `cladapt registry verify`") from exc
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version as listed by the store: index columns plus the full manifest.
+
+    ``parents`` is a tuple (not a list) so the record stays hashable and immutable.
+    """
+
+    task: str
+    version: int
+    status: str
+    method: str
+    composition: str
+    r: int
+    alpha: float
+    base_fingerprint: str
+    created: str
+    parents: tuple[str, ...]
+    path: Path
+    manifest: Manifest = field(repr=False, compare=False)
+
+    @property
+    def ref(self) -> AdapterRef:
+        """The explicit ref (``amazon@3``)."""
+        return AdapterRef(self.task, self.version)
+
+    @property
+    def peft_name(self) -> str:
+        """The PEFT adapter name (``amazon__v3``)."""
+        return self.ref.peft_name
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Metrics recorded at commit time (later evaluations: :meth:`Store.evaluations`)."""
+        return self.manifest.metrics
+
+
+def make_record(manifest: Manifest, status: str, path: Path) -> VersionRecord:
+    """Build a :class:`VersionRecord` from a manifest and its current status."""
+    return VersionRecord(
+        task=manifest.task,
+        version=manifest.version,
+        status=status,
+        method=manifest.method,
+        composition=manifest.composition,
+        r=int(manifest.lora["r"]),
+        alpha=float(manifest.lora["alpha"]),
+        base_fingerprint=str(manifest.base_model["fingerprint"]),
+        created=manifest.created,
+        parents=tuple(manifest.parents),
+        path=path,
+        manifest=manifest,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# status.json: version -> status, plus a generation counter and the version high-water mark.
+
+
+@dataclass
+class TaskStatus:
+    """Contents of ``tasks/<task>/status.json``.
+
+    ``generation`` increases on every change, so a reader can tell cheaply whether the index is
+    stale. ``last_version`` is the highest number ever allocated: version numbers are never reused,
+    even after a remove, because refs like ``amazon@3`` appear in audit logs and caches.
+    """
+
+    generation: int = 0
+    last_version: int = 0
+    versions: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "generation": self.generation,
+            "last_version": self.last_version,
+            "versions": {str(v): s for v, s in sorted(self.versions.items())},
+        }
+
+
+def load_task_status(path: Path) -> TaskStatus:
+    """Read ``status.json``; a missing file is an empty task. Raises IntegrityError if malformed."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return TaskStatus()
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: unreadable status file ({exc})", hint="run `cladapt registry verify --reindex`") from exc
+    try:
+        versions = {int(v): str(s) for v, s in raw["versions"].items()}
+        status = TaskStatus(int(raw["generation"]), int(raw.get("last_version", 0)), versions)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"{path}: malformed status file", hint="run `cladapt registry verify --reindex`") from exc
+    bad = {v: s for v, s in status.versions.items() if s not in STATUSES}
+    if bad:
+        raise IntegrityError(f"{path}: unknown status values {bad}", hint=f"statuses are {', '.join(STATUSES)}")
+    return status
+
+
+def save_task_status(path: Path, status: TaskStatus) -> None:
+    """Atomically replace ``status.json``."""
+    atomic_write_json(path, status.to_json())
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: every read goes through these, so a flipped byte is caught before it is used.
+
+
+def read_verified(version_dir: Path, entry: FileEntry, ref: AdapterRef) -> bytes:
+    """Read one file of a version and check its size and sha256 against the manifest.
+
+    Reading the bytes once and hashing those same bytes avoids a check-then-read race.
+    """
+    path = version_dir / entry.path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise IntegrityError(f"{ref}: file {entry.path!r} is missing or unreadable ({exc})", hint=_verify_hint()) from exc
+    if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+        raise IntegrityError(f"{ref}: file {entry.path!r} does not match its sha256 in the manifest", hint=_verify_hint())
+    return data
+
+
+def verify_entries(version_dir: Path, entries: list[FileEntry], ref: AdapterRef) -> None:
+    """Hash each file (streaming) and raise IntegrityError naming the first one that differs."""
+    for entry in entries:
+        problem = _check_entry(version_dir, entry)
+        if problem:
+            raise IntegrityError(f"{ref}: file {entry.path!r} {problem}", hint=_verify_hint())
+
+
+def unlisted_files(version_dir: Path, manifest: Manifest, under: str = "") -> list[str]:
+    """Files present on disk but absent from the manifest (``evals/`` and ``manifest.json`` excepted).
+
+    An unlisted file inside ``adapter/`` matters: PEFT would happily load, say, an injected
+    ``adapter_model.bin`` (a pickle) if it found one.
+    """
+    listed = {e.path for e in manifest.files}
+    root = version_dir / under if under else version_dir
+    if not root.is_dir():
+        return []
+    extra = []
+    for rel in iter_files(root):
+        relpath = f"{under}/{rel.as_posix()}" if under else rel.as_posix()
+        if relpath == "manifest.json" or relpath.startswith("evals/"):
+            continue
+        if relpath not in listed:
+            extra.append(relpath)
+    return extra
+
+
+def check_version(version_dir: Path, manifest: Manifest) -> list[Problem]:
+    """Every integrity problem of one version (for ``verify``): bad hashes, missing or extra files."""
+    where = f"{manifest.task}@{manifest.version}"
+    problems = [Problem(where, f"file {e.path!r} {p}") for e in manifest.files if (p := _check_entry(version_dir, e))]
+    problems += [Problem(where, f"file {p!r} is not listed in the manifest") for p in unlisted_files(version_dir, manifest)]
+    if version_dir.name != f"v{manifest.version}" or version_dir.parent.name != manifest.task:
+        problems.append(Problem(where, f"manifest is stored at {version_dir}, which does not match its task/version"))
+    return problems
+
+
+def _check_entry(version_dir: Path, entry: FileEntry) -> str | None:
+    path = version_dir / entry.path
+    if path.is_symlink() or not path.is_file():
+        return "is missing (or is not a regular file)"
+    digest, size = sha256_file(path)
+    if size != entry.size:
+        return f"has size {size}, the manifest says {entry.size}"
+    if digest != entry.sha256:
+        return "does not match its sha256 in the manifest"
+    return None
+
+
+def _verify_hint() -> str:
+    return "the stored adapter is corrupt or was modified; run `cladapt registry verify` and re-train or re-pull it"

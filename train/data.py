@@ -1,0 +1,275 @@
+"""Load and validate task data. Every bad row is reported at once, with file, line and field.
+
+Accepted files: JSON Lines (``.jsonl``), JSON (an array of rows, or ``{"data": [...]}``), CSV,
+Parquet, or a folder written by ``datasets.Dataset.save_to_disk``. Accepted rows:
+
+* instruction rows ``{"instruction": str, "input": str, "output": str}`` (``instruction`` or
+  ``input`` may be absent or empty, not both; ``output`` must be non-empty);
+* chat rows ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` ending
+  with an assistant message.
+
+Optional metadata fields (``task``, ``id``, ``source``, ``label``, ``meta``) are kept; any other
+field is an error, because a misspelt ``ouput`` would otherwise train on nothing.
+
+JSON and JSON Lines are parsed here rather than by ``datasets``' Arrow reader because only a
+line-by-line parse can name the line of a malformed record; CSV, Parquet and saved datasets go
+through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cladapt.errors import DataError, Issue
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION_FIELDS = ("instruction", "input", "output")
+META_FIELDS = ("task", "id", "source", "label", "meta", "style", "gold")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One validated training/evaluation example, with where it came from."""
+
+    messages: list[dict[str, str]]
+    file: str
+    line: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Everything before the final assistant answer (what a model sees at inference)."""
+        return self.messages[:-1]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user message: the text routers and evaluators look at."""
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
+
+def join_prompt(instruction: str, inp: str) -> str:
+    """``instruction`` and ``input`` as one user message (newline between unless one is there)."""
+    if not instruction:
+        return inp
+    if not inp:
+        return instruction
+    sep = "" if instruction.endswith(("\n", " ")) else "\n"
+    return instruction + sep + inp
+
+
+def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
+    """Yield (line number or row number, raw record)."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            issues.append(Issue(str(path), f"not a saved Hugging Face dataset: {exc}"))
+            return
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                issues.append(Issue(str(path), f"a DatasetDict without a 'train' split (has {list(ds)})"))
+                return
+            ds = ds["train"]
+        yield from ((i + 1, row) for i, row in enumerate(ds))
+        return
+    if suffix in (".jsonl", ".ndjson"):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            issues.append(Issue(f"{path}:{line}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            return
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                issues.append(Issue(f"{path}:{n}", f"not valid JSON: {exc.msg} (column {exc.colno})"))
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            issues.append(Issue(str(path), f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            return
+        except json.JSONDecodeError as exc:
+            issues.append(Issue(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}"))
+            return
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            issues.append(Issue(str(path), "a .json file must hold an array of rows (or {\"data\": [...]})"))
+            return
+        yield from ((i + 1, row) for i, row in enumerate(data))
+        return
+    if suffix in (".csv", ".tsv", ".parquet"):
+        import datasets
+
+        kind = "parquet" if suffix == ".parquet" else "csv"
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        except Exception as exc:  # datasets raises many types for unreadable files; re-raised as a DataError
+            issues.append(Issue(str(path), f"cannot read as {kind}: {exc}"))
+            return
+        offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
+        for i, row in enumerate(ds):
+            # CSV readers give None for empty cells; treat it as an empty string
+            yield i + offset, {k: ("" if v is None and kind == "csv" else v) for k, v in row.items()}
+        return
+    issues.append(
+        Issue(str(path), f"unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet")
+    )
+
+
+def _check_str(rec: dict[str, Any], key: str, where: str, issues: list[Issue], *, required: bool) -> str:
+    if key not in rec or rec[key] is None:
+        if required:
+            issues.append(Issue(where, f"missing field {key!r}"))
+        return ""
+    value = rec[key]
+    if not isinstance(value, str):
+        issues.append(Issue(where, f"field {key!r} must be a string, got {type(value).__name__}"))
+        return ""
+    return value
+
+
+def _messages_from_chat(rec: dict[str, Any], where: str, issues: list[Issue]) -> list[dict[str, str]] | None:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        issues.append(Issue(where, "field 'messages' must be a non-empty list"))
+        return None
+    out: list[dict[str, str]] = []
+    for k, m in enumerate(msgs):
+        at = f"{where}: messages[{k}]"
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            issues.append(Issue(at, "each message must be {'role': ..., 'content': ...}"))
+            return None
+        if m["role"] not in ROLES:
+            issues.append(Issue(at, f"role must be one of {ROLES}, got {m['role']!r}"))
+            return None
+        if not isinstance(m["content"], str):
+            issues.append(Issue(at, f"content must be a string, got {type(m['content']).__name__}"))
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        issues.append(Issue(where, "the last message must be the assistant's answer"))
+        return None
+    if not out[-1]["content"].strip():
+        issues.append(Issue(f"{where}: messages[{len(out) - 1}]", "empty assistant answer"))
+        return None
+    if not any(m["role"] == "user" for m in out):
+        issues.append(Issue(where, "no user message"))
+        return None
+    return out
+
+
+def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example | None:
+    where = f"{file}:{line}"
+    if not isinstance(rec, dict):
+        issues.append(Issue(where, f"a row must be an object, got {type(rec).__name__}"))
+        return None
+    meta = {k: rec[k] for k in META_FIELDS if k in rec and rec[k] is not None}
+    if "messages" in rec:
+        unknown = sorted(set(rec) - {"messages", *META_FIELDS})
+        if unknown:
+            issues.append(Issue(where, f"unknown field(s) {unknown} in a chat row"))
+        msgs = _messages_from_chat(rec, where, issues)
+        return Example(msgs, file, line, meta) if msgs and not unknown else None
+    unknown = sorted(set(rec) - {*INSTRUCTION_FIELDS, *META_FIELDS})
+    before = len(issues)
+    if unknown:
+        issues.append(
+            Issue(where, f"unknown field(s) {unknown}; rows use instruction/input/output or messages")
+        )
+    instruction = _check_str(rec, "instruction", where, issues, required=False)
+    inp = _check_str(rec, "input", where, issues, required=False)
+    output = _check_str(rec, "output", where, issues, required=True)
+    if "output" in rec and isinstance(rec.get("output"), str) and not output.strip():
+        issues.append(Issue(where, "field 'output' is empty"))
+    if not instruction.strip() and not inp.strip() and "instruction" not in unknown:
+        issues.append(Issue(where, "both 'instruction' and 'input' are empty or missing"))
+    if len(issues) > before:
+        return None
+    messages = [{"role": "user", "content": join_prompt(instruction, inp)}, {"role": "assistant", "content": output}]
+    return Example(messages, file, line, meta)
+
+
+@dataclass
+class LoadedData:
+    examples: list[Example]
+    files: list[str]
+    sha256: str
+    duplicates: list[tuple[str, str]]  # (where, where of the first occurrence)
+
+
+def fingerprint_examples(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex.messages, ensure_ascii=False, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def load_examples(paths: Iterable[str | Path]) -> LoadedData:
+    """Read and validate every row of every file.
+
+    Raises:
+        DataError: with one issue per bad row (file:line: field: problem), nothing loaded.
+    """
+    issues: list[Issue] = []
+    examples: list[Example] = []
+    files: list[str] = []
+    for p in paths:
+        path = Path(p)
+        files.append(str(path))
+        if not path.exists():
+            issues.append(Issue(str(path), "file not found"))
+            continue
+        count = 0
+        for line, rec in _read_records(path, issues):
+            count += 1
+            ex = _to_example(rec, str(path), line, issues)
+            if ex is not None:
+                examples.append(ex)
+        if count == 0 and not any(i.where.startswith(str(path)) for i in issues):
+            issues.append(Issue(str(path), "the file holds no rows"))
+    if issues:
+        raise DataError(issues, hint="fix the rows listed above; `cladapt data check FILE` re-checks without training")
+    seen: dict[str, str] = {}
+    dups: list[tuple[str, str]] = []
+    for ex in examples:
+        key = json.dumps(ex.messages, sort_keys=True)
+        if key in seen:
+            dups.append((ex.where, seen[key]))
+        else:
+            seen[key] = ex.where
+    if dups:
+        logger.warning("%d duplicate rows (first: %s repeats %s)", len(dups), dups[0][0], dups[0][1])
+    return LoadedData(examples, files, fingerprint_examples(examples), dups)
+
+
+def label_counts(examples: list[Example]) -> Counter[str]:
+    return Counter(ex.answer for ex in examples)

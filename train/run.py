@@ -1,0 +1,236 @@
+"""``train_task``: data -> trainer (+ method and plugins) -> one staged version -> commit.
+
+The order: validate the data (before any model is loaded, so a bad row costs nothing), load the
+base model, encode, build the method and its plugins, fold earlier summed adapters into the
+frozen base, train with :class:`CLTrainer`, finalize (sidecars), stage, commit. Only the commit
+touches registry state, so a run killed at any moment leaves the registry as it was; its
+checkpoints stay in ``<registry>/.work/runs/`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cladapt.adapters import METHODS
+from cladapt.adapters.base import TRAIN_ADAPTER, CLMethod, Sidecars, TaskSpec, TrainingPlugin
+from cladapt.adapters.compose import factors, folded
+from cladapt.base_model import BaseModelInfo, check_compatible
+from cladapt.base_model import load as load_base
+from cladapt.errors import CladaptError
+from cladapt.registry.refs import validate_task_name
+from cladapt.train.chat import encode_all
+from cladapt.train.data import Example, LoadedData, load_examples
+from cladapt.train.history import StoreHistory
+from cladapt.train.loop import CLTrainer, Collator
+
+if TYPE_CHECKING:
+    from cladapt.config import RunConfig
+    from cladapt.registry.store import Store, VersionRecord
+
+logger = logging.getLogger(__name__)
+
+#: hooks that extend a run (data transforms like ASD, loss plugins like GeRe replay). Each takes
+#: the run context and may rewrite ``ctx.examples`` or append to ``ctx.plugins``.
+RunExtension = Callable[["RunContext"], None]
+
+
+@dataclass
+class RunContext:
+    """Everything a run extension may read or extend."""
+
+    store: Store
+    task: str
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    base: BaseModelInfo
+    examples: list[Example]
+    plugins: list[TrainingPlugin] = field(default_factory=list)
+    rows_extra: list[dict[str, Any]] = field(default_factory=list)  # encoded rows added to the task's (replay)
+    sidecars: Sidecars = field(default_factory=Sidecars)
+    manifest_extra: dict[str, Any] = field(default_factory=dict)
+    #: set by ``after_train`` hooks (the admission gate): the status the version is committed with
+    commit_status: str = "active"
+    commit_reason: str = "trained"
+
+
+def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
+    blob = json.dumps({"task": task, "data": data_sha, "config": cfg.model_dump(mode="json")}, sort_keys=True)
+    return f"{task}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=int(t.warmup_ratio * max(1, steps_per_epoch) * t.epochs),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=t.dtype == "bfloat16" and torch.cuda.is_available(),
+        deepspeed=t.deepspeed,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _encoded_rows(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    t = ctx.config.train
+    encoded, stats = encode_all(ctx.tokenizer, ctx.examples, max_length=t.max_length, overlong=t.overlong)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i} for i, e in enumerate(encoded)]
+    return rows + ctx.rows_extra, stats
+
+
+def train_task(
+    store: Store,
+    task: str,
+    data_files: list[str],
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    extensions: list[RunExtension] | None = None,
+    after_train: Callable[[RunContext, Any], None] | None = None,
+    loaded: tuple[Any, Any, BaseModelInfo] | None = None,
+) -> VersionRecord:
+    """Train one task version and commit it to ``store``.
+
+    Args:
+        extensions: run extensions (ASD, replay) applied in order before encoding.
+        after_train: called with (context, peft model) after training, before staging; evaluation
+            uses it to score the new version and record metrics.
+        loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
+
+    Raises:
+        DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
+    """
+    validate_task_name(task)
+    data: LoadedData = load_examples(data_files)
+    started = time.time()
+    model, tokenizer, base = loaded if loaded is not None else load_base(cfg.base_model, dtype=cfg.train.dtype)
+    torch.manual_seed(cfg.train.seed)
+    method_cls = METHODS.get(cfg.method.name)
+    if method_cls.forgetting:
+        raise CladaptError(f"method {cfg.method.name!r} removes knowledge", hint="use `cladapt forget` for it")
+    method: CLMethod = method_cls(cfg.method, cfg.lora)
+    history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
+    ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
+    for extend in extensions or []:
+        extend(ctx)
+    rows, stats = _encoded_rows(ctx)
+
+    summed = method.summed_history(history)
+    frozen = [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in summed]
+    for e in summed:
+        check_compatible(store.get(e.ref).manifest.base_model, base, what=f"adapter {e.ref}")
+
+    from peft import get_peft_model
+
+    run_dir = store.root / ".work" / "runs" / run_key(task, data.sha256, cfg)
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    peft_model = get_peft_model(model, method.lora_config(base.id), adapter_name=TRAIN_ADAPTER)
+    collate = Collator(tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
+    spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader)
+    plugins: list[TrainingPlugin] = [method, *ctx.plugins]
+    with folded(peft_model, frozen):
+        for p in plugins:
+            p.prepare(peft_model, spec, history)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        logger.info(
+            "Training %s with %s: %d rows (+%d extra), %d trainable parameters, %d earlier adapters folded",
+            task, cfg.method.name, len(data.examples), len(ctx.rows_extra), trainable, len(frozen),
+        )
+        import datasets
+
+        train_ds = datasets.Dataset.from_list(rows)
+        steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum))
+        trainer = CLTrainer(
+            model=peft_model,
+            args=_training_args(cfg, run_dir, steps_per_epoch=steps_per_epoch),
+            train_dataset=train_ds,
+            data_collator=collate,
+            plugins=plugins,
+        )
+        has_ckpt = resume and any(run_dir.glob("checkpoint-*"))
+        result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+        sidecars = Sidecars()
+        for p in plugins:
+            sidecars.merge(p.finalize(peft_model, spec))
+        sidecars.merge(ctx.sidecars)
+        if after_train is not None:
+            after_train(ctx, peft_model)
+    record = _commit(store, ctx, method, history, peft_model, sidecars, data, stats, result, started)
+    # the run finished: its checkpoints are no longer needed for --resume
+    shutil.rmtree(run_dir, ignore_errors=True)
+    # leave the caller's base model as it was given
+    peft_model.unload()
+    return record
+
+
+def _commit(
+    store: Store,
+    ctx: RunContext,
+    method: CLMethod,
+    history: StoreHistory,
+    peft_model: Any,
+    sidecars: Sidecars,
+    data: LoadedData,
+    stats: dict[str, Any],
+    result: Any,
+    started: float,
+) -> VersionRecord:
+    cfg = ctx.config
+    with store.stage(ctx.task) as staging:
+        peft_model.save_pretrained(str(staging.adapter_dir), selected_adapters=[TRAIN_ADAPTER])
+        # PEFT writes adapters other than "default" into a subfolder; ours is "default"
+        for stem, tensors in sidecars.tensors.items():
+            staging.write_tensors(f"sidecars/{stem}.safetensors", tensors)
+        for stem, obj in sidecars.json.items():
+            staging.write_json(f"sidecars/{stem}.json", obj)
+        staging.manifest_fields.update(
+            method=cfg.method.name,
+            method_config=cfg.method.model_dump(mode="json"),
+            composition=method.composition,
+            base_model=ctx.base.as_dict(),
+            lora=cfg.lora.model_dump(mode="json"),
+            data={"files": [str(Path(f).resolve()) for f in data.files], "sha256": data.sha256, "rows": len(data.examples), **stats},
+            config=cfg.model_dump(mode="json"),
+            seed=cfg.train.seed,
+            parents=method.parents(history),
+            train_stats={
+                "steps": int(result.global_step),
+                "train_loss": round(float(result.training_loss), 6),
+                "wall_seconds": round(time.time() - started, 2),
+                **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+            },
+            metrics={**sidecars.metrics, **ctx.manifest_extra.get("metrics", {})},
+        )
+        return store.commit(staging, status=ctx.commit_status, reason=ctx.commit_reason)
