@@ -6,8 +6,9 @@ parents, metrics and the manifest itself as JSON). The files under ``tasks/`` st
 truth: the index is rewritten per task from them, and is thrown away and rebuilt if it is missing,
 corrupt or of another schema.
 
-Staleness is detected cheaply by :meth:`Index.state`: per task, the ``status.json`` generation the
-rows were built from and the set of version numbers. The store compares that with a directory scan.
+Staleness is detected cheaply by :meth:`Index.stale`: per task, the ``status.json`` generation and
+the set of ``v<N>`` directories the rows were built from, against a fresh directory scan. A commit
+killed between its rename and its index update shows up there; :meth:`Index.rebuild` repairs it.
 
 Every call opens its own short-lived connection: connections are then never shared between
 threads or forked processes, and SQLite's own locking (with a busy timeout) serialises readers
@@ -18,12 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from cladapt.registry.manifest import Manifest, VersionRecord
+from cladapt.registry.fsio import is_tmp_name
+from cladapt.registry.manifest import (
+    Manifest,
+    Problem,
+    TaskStatus,
+    VersionRecord,
+    load_manifest,
+    load_task_status,
+    make_record,
+    save_task_status,
+)
+
+from cladapt.errors import IntegrityError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +63,10 @@ CREATE TABLE parents (
 );
 CREATE INDEX parents_parent ON parents (parent_task, parent_version);
 """
+_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
+_TASK_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: Called for every repair: (action, ref, from, to, reason) -> appends an audit event.
+EventSink = Callable[[str, "str | None", Any, Any, str], None]
 _COLUMNS = "task, version, status, method, composition, r, alpha, base_fingerprint, created, parents, manifest"
 
 
@@ -238,6 +258,143 @@ class Index:
             path=self.tasks_dir / str(task) / f"v{version}",
             manifest=Manifest.model_validate_json(str(manifest)),
         )
+
+
+    # ---------------------------------------------------------------- rebuilding from disk
+
+    def stale(self, task: str | None = None) -> set[str]:
+        """Tasks whose rows no longer match the disk (version dirs or status generation differ)."""
+        disk, indexed = disk_state(self.tasks_dir, task), self.state(task)
+        return {t for t in disk.keys() | indexed.keys() if disk.get(t) != indexed.get(t)}
+
+    def rebuild(self, tasks: Iterable[str], on_event: EventSink) -> list[Problem]:
+        """Rebuild the rows of ``tasks`` from their manifests, repairing ``status.json`` on the way.
+
+        The caller must hold the registry lock. Repairs, each reported to ``on_event``:
+        a version directory without a status (a commit killed after its rename) becomes
+        ``candidate``, never silently ``active``; a status without a directory (a remove killed
+        after its rename) is dropped; an unreadable ``status.json`` is rebuilt from the index.
+        Versions whose manifest is unreadable get no row and are returned as problems.
+        """
+        problems: list[Problem] = []
+        batch: dict[str, tuple[int, frozenset[int], list[VersionRecord]]] = {}
+        for task in sorted(set(tasks)):
+            task_dir = self.tasks_dir / task
+            if not task_dir.is_dir():
+                batch[task] = (-1, frozenset(), [])
+                continue
+            for leftover in task_dir.iterdir():  # temporaries of a writer killed mid-write
+                if is_tmp_name(leftover.name):
+                    leftover.unlink(missing_ok=True)
+            status, changed = self._load_or_rebuild_status(task, problems, on_event)
+            dirs = version_dirs(task_dir)
+            records = []
+            for version in sorted(dirs):
+                manifest = load_checked_manifest(task_dir, version, problems)
+                if version not in status.versions:
+                    status.versions[version] = "candidate"
+                    changed = True
+                    on_event("recover", f"{task}@{version}", None, "candidate", "version found without a status")
+                if manifest is not None:
+                    records.append(make_record(manifest, status.versions[version], task_dir / f"v{version}"))
+            for version in sorted(set(status.versions) - dirs):
+                on_event("recover", f"{task}@{version}", status.versions.pop(version), None, "status without a version")
+                changed = True
+            status.last_version = max([status.last_version, *dirs])
+            if changed:
+                status.generation += 1
+                save_task_status(task_dir / "status.json", status)
+            batch[task] = (status.generation, dirs, records)
+        self.replace_tasks(batch)
+        return problems
+
+    def _load_or_rebuild_status(self, task: str, problems: list[Problem], on_event: EventSink) -> tuple[TaskStatus, bool]:
+        try:
+            return load_task_status(self.tasks_dir / task / "status.json"), False
+        except IntegrityError as exc:
+            problems.append(Problem(f"{task}/status.json", exc.message))
+            known = {rec.version: rec.status for rec in self.records(task)}
+            generation = self.state(task).get(task, (0, frozenset()))[0] + 1
+            on_event("recover", task, None, None, "status.json was unreadable; rebuilt from the index")
+            return TaskStatus(generation=max(generation, 1), versions=known), True
+
+    def compare(self) -> list[Problem]:
+        """Differences between the index and the manifests + statuses on disk (nothing is changed)."""
+        problems: list[Problem] = []
+        indexed = {(rec.task, rec.version): rec for rec in self.records()}
+        seen: set[tuple[str, int]] = set()
+        for entry in sorted(os.scandir(self.tasks_dir), key=lambda e: e.name):
+            if not _TASK_DIR.fullmatch(entry.name) or not entry.is_dir():
+                problems.append(Problem(f"tasks/{entry.name}", "not a valid task folder"))
+                continue
+            statuses = load_task_status(Path(entry.path) / "status.json").versions
+            if sum(s == "active" for s in statuses.values()) > 1:
+                problems.append(Problem(entry.name, "more than one active version"))
+            for version in sorted(version_dirs(Path(entry.path))):
+                seen.add((entry.name, version))
+                manifest = load_checked_manifest(Path(entry.path), version, problems)
+                if manifest is None:
+                    continue
+                expected = make_record(manifest, statuses.get(version, "?"), Path(entry.path) / f"v{version}")
+                rec = indexed.get((entry.name, version))
+                if rec is None:
+                    problems.append(Problem(str(expected.ref), "missing from the index (run verify --reindex)"))
+                elif rec != expected or rec.manifest != manifest:
+                    problems.append(Problem(str(expected.ref), "index row differs from the manifest (run verify --reindex)"))
+        problems += [Problem(f"{t}@{v}", "indexed but its folder is missing") for (t, v) in sorted(indexed.keys() - seen)]
+        return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# The disk side of the comparison.
+
+
+def version_dirs(task_dir: Path) -> frozenset[int]:
+    """Version numbers of the ``v<N>`` folders of a task (symlinks are not versions)."""
+    try:
+        entries = list(os.scandir(task_dir))
+    except FileNotFoundError:
+        return frozenset()
+    return frozenset(
+        int(m.group(1)) for e in entries if (m := _VERSION_DIR.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
+    )
+
+
+def disk_tasks(tasks_dir: Path) -> list[str]:
+    """Task folders under ``tasks/`` (with valid names)."""
+    try:
+        return sorted(e.name for e in os.scandir(tasks_dir) if _TASK_DIR.fullmatch(e.name) and e.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def disk_state(tasks_dir: Path, task: str | None = None) -> dict[str, tuple[int, frozenset[int]]]:
+    """task -> (status.json generation, version dirs), read from disk; -2 marks an unreadable status."""
+    state: dict[str, tuple[int, frozenset[int]]] = {}
+    for name in [task] if task is not None else disk_tasks(tasks_dir):
+        task_dir = tasks_dir / name
+        if not task_dir.is_dir():
+            continue
+        try:
+            generation = load_task_status(task_dir / "status.json").generation
+        except IntegrityError:
+            generation = -2  # never equal to the index: forces a repair
+        state[name] = (generation, version_dirs(task_dir))
+    return state
+
+
+def load_checked_manifest(task_dir: Path, version: int, problems: list[Problem]) -> Manifest | None:
+    """The manifest of ``task_dir/v<version>``, or None (with a problem) if unreadable or misplaced."""
+    where = f"{task_dir.name}@{version}"
+    try:
+        manifest = load_manifest(task_dir / f"v{version}" / "manifest.json")
+    except RegistryError as exc:
+        problems.append(Problem(where, exc.message))
+        return None
+    if (manifest.task, manifest.version) != (task_dir.name, version):
+        problems.append(Problem(where, f"manifest says {manifest.task}@{manifest.version}"))
+        return None
+    return manifest
 
 
 def _row(rec: VersionRecord) -> tuple[object, ...]:

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 #: Seconds to wait for the lock before giving up; override with CLADAPT_LOCK_TIMEOUT.
 DEFAULT_TIMEOUT_S = 300.0
 
+_LOCKS: dict[str, StoreLock] = {}
+_REGISTRY_GUARD = threading.Lock()
+
 
 class StoreLock:
     """A re-entrant (per thread) exclusive lock on one file, usable as a context manager."""
@@ -36,6 +39,21 @@ class StoreLock:
         env = os.environ.get("CLADAPT_LOCK_TIMEOUT")
         self.timeout_s = timeout_s if timeout_s is not None else float(env) if env else DEFAULT_TIMEOUT_S
         self._local = threading.local()
+
+    @classmethod
+    def for_path(cls, path: Path) -> StoreLock:
+        """The one lock object of this process for ``path``.
+
+        Sharing it between Store instances of the same registry keeps re-entrancy working across
+        them: a thread holding the lock through one instance would otherwise deadlock on its own
+        flock when a second instance asks for it.
+        """
+        key = os.path.realpath(path)
+        with _REGISTRY_GUARD:
+            lock = _LOCKS.get(key)
+            if lock is None:
+                lock = _LOCKS[key] = cls(Path(key))
+            return lock
 
     @property
     def held(self) -> bool:

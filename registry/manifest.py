@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cladapt.registry.fsio import atomic_write_json, is_tmp_name, iter_files, sha256_bytes, sha256_file
+from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cladapt.errors import IntegrityError, RegistryError
-from cladapt.registry.fsio import atomic_write_json, iter_files, sha256_bytes, sha256_file
-from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
+from cladapt.errors import IntegrityError, NotFound, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,24 @@ class Manifest(BaseModel):
     def file(self, relpath: str) -> FileEntry | None:
         """The entry for ``relpath``, or None."""
         return next((e for e in self.files if e.path == relpath), None)
+
+    def find(self, relpath: str, ref: AdapterRef | str) -> FileEntry:
+        """The entry for a user-given path; a bare name means ``sidecars/<name>``, and a sidecar
+        may be named without its extension when that is unambiguous (``signature``).
+
+        Raises:
+            RegistryError: the path is unsafe. NotFound: no such file in this version.
+        """
+        relpath = validate_relpath(relpath)
+        relpath = relpath if "/" in relpath else f"sidecars/{relpath}"
+        entry = self.file(relpath)
+        if entry is None and relpath.startswith("sidecars/") and "." not in relpath:
+            stems = [e for e in self.files if e.path.startswith(relpath + ".") and e.path.count("/") == 1]
+            entry = stems[0] if len(stems) == 1 else None
+        if entry is None:
+            known = [e.path for e in self.files if not e.path.startswith("adapter/")]
+            raise NotFound(f"{ref} has no file {relpath!r}", hint=f"its files: {', '.join(known) or '(none)'}")
+        return entry
 
 
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[str]:
@@ -341,6 +359,20 @@ def check_version(version_dir: Path, manifest: Manifest) -> list[Problem]:
     problems += [Problem(where, f"file {p!r} is not listed in the manifest") for p in unlisted_files(version_dir, manifest)]
     if version_dir.name != f"v{manifest.version}" or version_dir.parent.name != manifest.task:
         problems.append(Problem(where, f"manifest is stored at {version_dir}, which does not match its task/version"))
+    return problems
+
+
+def check_evals(version_dir: Path, where: str) -> list[Problem]:
+    """Evaluation files (``evals/*.json``) that are not valid JSON."""
+    evals = version_dir / "evals"
+    problems = []
+    for path in sorted(evals.iterdir()) if evals.is_dir() else []:
+        if is_tmp_name(path.name):
+            continue
+        try:
+            json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            problems.append(Problem(where, f"evaluation {path.name!r} is not valid JSON"))
     return problems
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from cladapt.errors import IntegrityError, RegistryError
-from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_tree, iter_files, sha256_file
+from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir, fsync_tree, iter_files, sha256_file
 from cladapt.registry.manifest import (
     FORBIDDEN_SUFFIXES,
     FileEntry,
@@ -30,6 +29,9 @@ from cladapt.registry.manifest import (
     format_validation_error,
 )
 from cladapt.registry.refs import validate_filename, validate_relpath, validate_task_name
+from pydantic import ValidationError
+
+from cladapt.errors import IntegrityError, RegistryError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 #: Names the store writes itself; a staged tree may not contain them.
 RESERVED = ("manifest.json", "evals")
 SHARED_MANIFEST = "manifest.json"
+CRASH_ENV = "CLADAPT_TEST_CRASH_AT"
 
 
 class Staging:
@@ -142,6 +145,40 @@ class Staging:
         return f"Staging(task={self.task!r}, dir={str(self.dir)!r}, committed={self.committed})"
 
 
+def crash_point(name: str) -> None:
+    """Test seam: SIGKILL this process at step ``name`` of a commit when CLADAPT_TEST_CRASH_AT says so.
+
+    Steps: ``after_manifest``, ``before_rename``, ``after_rename``, ``after_status``, ``after_index``.
+    The crash tests use it to prove that a kill at any step loses nothing; never set it otherwise.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        logger.warning("%s=%s: killing this process on purpose", CRASH_ENV, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish_version(staging: Staging, task_dir: Path, version: int) -> None:
+    """Rename a staging directory to ``task_dir/v<version>``: the commit point. Caller holds the lock.
+
+    For a new task, ``tasks/<task>/v<N>`` is assembled inside ``.work`` and the task folder is
+    renamed into place, so a crash before that single rename leaves not even an empty folder.
+    """
+    target = task_dir / f"v{version}"
+    if task_dir.is_dir():
+        crash_point("before_rename")
+        os.rename(staging.dir, target)
+    else:
+        wrapper = staging.dir.with_name(staging.dir.name + "-task")
+        wrapper.mkdir()
+        os.rename(staging.dir, wrapper / target.name)
+        fsync_dir(wrapper)
+        crash_point("before_rename")
+        os.rename(wrapper, task_dir)
+        fsync_dir(task_dir.parent)
+    fsync_dir(task_dir)
+    fsync_dir(staging.dir.parent)
+    staging.committed = True
+
+
 def collect_files(directory: Path) -> list[FileEntry]:
     """Check and hash every file of a staged tree, then fsync it.
 
@@ -220,20 +257,58 @@ def stage_shared(directory: Path, files: dict[str, Path]) -> None:
     fsync_tree(directory)
 
 
+def _backup_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.replaced")
+
+
+def publish_shared(staged: Path, target: Path) -> bool:
+    """Move a staged shared-state folder to ``target``; returns True if it replaced an old one.
+
+    Directories cannot be swapped atomically with ``os.rename``, so the old folder is first
+    renamed to ``.<key>.replaced``. A writer killed between the two renames leaves the old state
+    intact there: :func:`read_shared_dir` falls back to it, and the next writer restores it first.
+    The caller holds the registry lock.
+    """
+    backup = _backup_of(target)
+    if backup.is_dir():  # finish an interrupted replace
+        if target.is_dir():
+            shutil.rmtree(backup)
+        else:
+            os.rename(backup, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    replaced = target.is_dir()
+    if replaced:
+        os.rename(target, backup)
+    os.rename(staged, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+    return replaced
+
+
+def read_shared_dir(target: Path, label: str) -> Path | None:
+    """The verified folder ``target`` (or its backup, mid-replace), or None if never written."""
+    if not target.is_dir():
+        target = _backup_of(target)
+        if not target.is_dir():
+            return None
+    verify_shared(target, label)
+    return target
+
+
 def verify_shared(directory: Path, label: str) -> None:
-    """Check a shared-state directory against its manifest; IntegrityError names the bad file."""
+    """Check a shared-state folder against its manifest; IntegrityError names the bad file."""
     hint = f"delete {directory} and recompute it"
     try:
         listing = json.loads((directory / SHARED_MANIFEST).read_bytes())["files"]
-        expected = {name: (str(meta["sha256"]), int(meta["size"])) for name, meta in listing.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        expected = {validate_filename(n): (str(m["sha256"]), int(m["size"])) for n, m in listing.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RegistryError) as exc:
         raise IntegrityError(f"shared state {label}: unreadable {SHARED_MANIFEST} ({exc})", hint=hint) from exc
-    present = {p.as_posix() for p in iter_files(directory)} - {SHARED_MANIFEST}
-    for name in sorted(present - set(expected)):
-        raise IntegrityError(f"shared state {label}: file {name!r} is not listed in its manifest", hint=hint)
+    extra = sorted({p.as_posix() for p in iter_files(directory)} - {SHARED_MANIFEST} - set(expected))
+    if extra:
+        raise IntegrityError(f"shared state {label}: file {extra[0]!r} is not listed in its manifest", hint=hint)
     for name, (digest, size) in sorted(expected.items()):
         path = directory / name
-        if validate_filename(name) != name or path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise IntegrityError(f"shared state {label}: file {name!r} is missing", hint=hint)
         if sha256_file(path) != (digest, size):
             raise IntegrityError(f"shared state {label}: file {name!r} does not match its sha256", hint=hint)

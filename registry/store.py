@@ -16,8 +16,7 @@ A commit is: stage (no lock) -> hash + fsync (no lock) -> under the lock: alloca
 ``status.json``, the index and the audit log. A process killed before the rename leaves only
 ``.work`` debris; one killed after it leaves a version the index does not know yet, which the next
 :meth:`Store.open` / :meth:`Store.list` / :meth:`Store.get` detects (per task: version directories
-and ``status.json`` generation vs. the index) and repairs (see :mod:`cladapt.registry.repair`
-notes in :meth:`Store._reindex`).
+and ``status.json`` generation vs. the index) and repairs (:meth:`Index.rebuild`).
 
 Test seam: the environment variable ``CLADAPT_TEST_CRASH_AT`` (``after_manifest``,
 ``before_rename``, ``after_rename``, ``after_status``, ``after_index``) makes :meth:`Store.commit`
@@ -31,26 +30,22 @@ import difflib
 import json
 import logging
 import os
-import re
 import shutil
-import signal
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 from cladapt.registry import audit
-from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir, is_tmp_name
-from cladapt.registry.index import INDEX_FILE, Index
+from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
+from cladapt.registry.index import INDEX_FILE, Index, disk_tasks, version_dirs
 from cladapt.registry.lock import StoreLock
 from cladapt.registry.manifest import (
     STATUSES,
-    FileEntry,
-    Manifest,
     Problem,
-    TaskStatus,
     VersionRecord,
-    load_manifest,
+    check_evals,
+    check_version,
     load_task_status,
     make_record,
     read_verified,
@@ -63,11 +58,21 @@ from cladapt.registry.refs import (
     coerce_ref,
     validate_filename,
     validate_name,
-    validate_relpath,
     validate_shared_key,
     validate_task_name,
 )
-from cladapt.registry.staging import Staging, build_manifest, collect_files, stage_shared, verify_shared
+from cladapt.registry.staging import (
+    Staging,
+    build_manifest,
+    collect_files,
+    crash_point,
+    publish_shared,
+    publish_version,
+    read_shared_dir,
+    stage_shared,
+)
+
+from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -78,16 +83,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1
 MARKER = "cladapt-registry.json"
-CRASH_ENV = "CLADAPT_TEST_CRASH_AT"
-_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
-_TASK_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-def _crash_point(name: str) -> None:
-    """Test seam: SIGKILL this process at ``name`` when CLADAPT_TEST_CRASH_AT says so."""
-    if os.environ.get(CRASH_ENV) == name:
-        logger.warning("%s=%s: killing this process on purpose", CRASH_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Store:
@@ -99,7 +94,7 @@ class Store:
         self.work_dir = self.root / ".work"
         self._audit_path = self.root / audit.AUDIT_FILE
         self._index = Index(self.root / INDEX_FILE, self.tasks_dir)
-        self._lock = StoreLock(self.work_dir / "lock")
+        self._lock = StoreLock.for_path(self.work_dir / "lock")
 
     # ------------------------------------------------------------------ opening
 
@@ -155,10 +150,13 @@ class Store:
             )
         store = cls(path)
         for sub in store._work_dirs():  # .work is scratch: recreate it if someone deleted it
-            sub.mkdir(parents=True, exist_ok=True)
+            try:
+                sub.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only mount can still be listed and served
+                logger.warning("cannot create %s (%s); this registry is read-only here", sub, exc)
         if store._index.ensure():
             with store._lock:
-                store._reindex(store._disk_tasks())
+                store._reindex(disk_tasks(store.tasks_dir))
         else:
             store._sync()
         return store
@@ -166,7 +164,7 @@ class Store:
     def _work_dirs(self) -> list[Path]:
         return [self.work_dir / "staging", self.work_dir / "runs", self.work_dir / "trash"]
 
-    # ------------------------------------------------------------------ paths and disk state
+    # ------------------------------------------------------------------ paths and index freshness
 
     def _task_dir(self, task: str) -> Path:
         return self.tasks_dir / validate_task_name(task)
@@ -175,111 +173,31 @@ class Store:
         return self._task_dir(task) / "status.json"
 
     def _version_dirs(self, task: str) -> frozenset[int]:
-        try:
-            entries = list(os.scandir(self._task_dir(task)))
-        except FileNotFoundError:
-            return frozenset()
-        return frozenset(
-            int(m.group(1)) for e in entries if (m := _VERSION_DIR.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
-        )
+        return version_dirs(self._task_dir(task))
 
-    def _disk_tasks(self) -> builtins.list[str]:
-        try:
-            return sorted(e.name for e in os.scandir(self.tasks_dir) if _TASK_DIR.fullmatch(e.name) and e.is_dir())
-        except FileNotFoundError:
-            return []
+    def _sync(self, task: str | None = None) -> builtins.list[Problem]:
+        """Cheap staleness check (directory scan + status generations); reindex stale tasks.
 
-    def _disk_state(self, task: str | None) -> dict[str, tuple[int, frozenset[int]]]:
-        state: dict[str, tuple[int, frozenset[int]]] = {}
-        for name in [task] if task is not None else self._disk_tasks():
-            if not self._task_dir(name).is_dir():
-                continue
-            try:
-                generation = load_task_status(self._status_path(name)).generation
-            except IntegrityError:
-                generation = -2  # never equal to the index: forces a repair
-            state[name] = (generation, self._version_dirs(name))
-        return state
-
-    # ------------------------------------------------------------------ index freshness
-
-    def _stale(self, task: str | None) -> set[str]:
-        disk, indexed = self._disk_state(task), self._index.state(task)
-        return {t for t in disk.keys() | indexed.keys() if disk.get(t) != indexed.get(t)}
-
-    def _sync(self, task: str | None = None) -> None:
-        """Cheap staleness check (directory scan + status generations); reindex stale tasks."""
-        if not self._stale(task):
-            return
-        with self._lock:
-            stale = self._stale(task)  # re-check: a live committer may just have finished
-            if stale:
-                logger.warning("index is stale for %s (interrupted commit?); reindexing", sorted(stale))
-                self._reindex(stale)
-
-    def _reindex(self, tasks: set[str] | builtins.list[str], *, actor: str = "cladapt") -> builtins.list[Problem]:
-        """Rebuild the index rows of ``tasks`` from disk, repairing ``status.json`` on the way.
-
-        Repairs (each audited as ``recover``): a version directory without a status (a commit
-        killed after its rename) becomes ``candidate``, never silently ``active``; a status entry
-        without a directory (a remove killed after its rename) is dropped; an unreadable
-        ``status.json`` is rebuilt from the index's statuses (else ``candidate``). Must hold the lock.
+        Returns the problems met while reindexing (logged; ``verify`` reports them).
         """
-        assert self._lock.held, "reindex requires the registry lock"
-        problems: builtins.list[Problem] = []
-        batch: dict[str, tuple[int, frozenset[int], builtins.list[VersionRecord]]] = {}
-        for task in sorted(tasks):
-            task_dir = self._task_dir(task)
-            if not task_dir.is_dir():
-                batch[task] = (-1, frozenset(), [])
-                continue
-            for leftover in task_dir.iterdir():
-                if is_tmp_name(leftover.name):
-                    leftover.unlink(missing_ok=True)
-            status, changed = self._repair_status(task, problems, actor)
-            dirs = self._version_dirs(task)
-            records = []
-            for version in sorted(dirs):
-                manifest = self._load_checked_manifest(task, version, problems)
-                if version not in status.versions:
-                    status.versions[version] = "candidate"
-                    changed = True
-                    self._audit("recover", f"{task}@{version}", None, "candidate", "version found without a status", actor)
-                if manifest is not None:
-                    records.append(make_record(manifest, status.versions[version], task_dir / f"v{version}"))
-            for version in sorted(set(status.versions) - dirs):
-                self._audit("recover", f"{task}@{version}", status.versions.pop(version), None, "status without a version", actor)
-                changed = True
-            status.last_version = max([status.last_version, *dirs])
-            if changed:
-                status.generation += 1
-                save_task_status(self._status_path(task), status)
-            batch[task] = (status.generation, dirs, records)
-        self._index.replace_tasks(batch)
+        if not self._index.stale(task):
+            return []
+        with self._lock:
+            stale = self._index.stale(task)  # re-check: a live committer may just have finished
+            if not stale:
+                return []
+            logger.warning("index is stale for %s (interrupted commit?); reindexing", sorted(stale))
+            problems = self._reindex(stale)
+        for problem in problems:
+            logger.warning("reindex: %s", problem)
         return problems
 
-    def _repair_status(self, task: str, problems: builtins.list[Problem], actor: str) -> tuple[TaskStatus, bool]:
-        try:
-            return load_task_status(self._status_path(task)), False
-        except IntegrityError as exc:
-            problems.append(Problem(f"{task}/status.json", exc.message))
-            known = {rec.version: rec.status for rec in self._index.records(task)}
-            self._audit("recover", task, None, None, "status.json was unreadable; rebuilt from the index", actor)
-            return TaskStatus(generation=1, versions=known), True
+    def _reindex(self, tasks: Iterable[str]) -> builtins.list[Problem]:
+        """Rebuild the index rows of ``tasks`` from disk, auditing every repair. Holds the lock."""
+        with self._lock:
+            return self._index.rebuild(tasks, lambda *event: self._audit(*event, actor="cladapt"))
 
-    def _load_checked_manifest(self, task: str, version: int, problems: builtins.list[Problem]) -> Manifest | None:
-        path = self._task_dir(task) / f"v{version}" / "manifest.json"
-        try:
-            manifest = load_manifest(path)
-        except RegistryError as exc:
-            problems.append(Problem(f"{task}@{version}", exc.message))
-            return None
-        if (manifest.task, manifest.version) != (task, version):
-            problems.append(Problem(f"{task}@{version}", f"manifest says {manifest.task}@{manifest.version}"))
-            return None
-        return manifest
-
-    def _audit(self, action: str, ref: str | None, from_: Any, to: Any, reason: str, actor: str, **extra: Any) -> None:
+    def _audit(self, action: str, ref: str | None, from_: Any, to: Any, reason: str, *, actor: str, **extra: Any) -> None:
         audit.append_event(self._audit_path, action=action, ref=ref, from_=from_, to=to, reason=reason, actor=actor, **extra)
 
     # ------------------------------------------------------------------ reading
@@ -360,14 +278,14 @@ class Store:
         """Path of a verified sidecar file (``signature.safetensors``, or ``signature`` if unambiguous)."""
         validate_filename(name, what="sidecar name")
         rec = self.get(ref)
-        entry = self._file_entry(rec, f"sidecars/{name}")
+        entry = rec.manifest.find(f"sidecars/{name}", rec.ref)
         verify_entries(rec.path, [entry], rec.ref)
         return rec.path / entry.path
 
     def read_json(self, ref: AdapterRef | str, relpath: str) -> dict[str, Any]:
         """Verified read of a JSON object stored in the version (a bare name means ``sidecars/<name>``)."""
         rec = self.get(ref)
-        entry = self._file_entry(rec, self._relpath(relpath))
+        entry = rec.manifest.find(relpath, rec.ref)
         try:
             obj = json.loads(read_verified(rec.path, entry, rec.ref))
         except ValueError as exc:
@@ -381,26 +299,10 @@ class Store:
         from safetensors.torch import load
 
         rec = self.get(ref)
-        entry = self._file_entry(rec, self._relpath(relpath))
+        entry = rec.manifest.find(relpath, rec.ref)
         if not entry.path.endswith(".safetensors"):
             raise RegistryError(f"{rec.ref}: {entry.path!r} is not a safetensors file")
         return load(read_verified(rec.path, entry, rec.ref))
-
-    @staticmethod
-    def _relpath(relpath: str) -> str:
-        relpath = validate_relpath(relpath)
-        return relpath if "/" in relpath else f"sidecars/{relpath}"
-
-    @staticmethod
-    def _file_entry(rec: VersionRecord, relpath: str) -> FileEntry:
-        entry = rec.manifest.file(relpath)
-        if entry is None and relpath.startswith("sidecars/") and "." not in relpath[9:]:
-            stem = [e for e in rec.manifest.files if e.path.startswith(relpath + ".") and "/" not in e.path[9:]]
-            entry = stem[0] if len(stem) == 1 else None
-        if entry is None:
-            known = [e.path for e in rec.manifest.files if not e.path.startswith("adapter/")]
-            raise NotFound(f"{rec.ref} has no file {relpath!r}", hint=f"its files: {', '.join(known) or '(none)'}")
-        return entry
 
     def evaluations(self, ref: AdapterRef | str) -> dict[str, dict[str, Any]]:
         """Evaluation results attached after commit (``evals/<name>.json``), by name."""
@@ -451,6 +353,7 @@ class Store:
         self._check_status(status)
         if not staging.is_open or staging.dir.parent != self.work_dir / "staging":
             raise RegistryError(f"{staging!r} is not an open staging of the registry at {self.root}", hint="use Store.stage()")
+        (staging.dir / "manifest.json").unlink(missing_ok=True)  # left by a failed earlier attempt
         files = collect_files(staging.dir)  # hashing and fsync happen before the lock
         fields = dict(staging.manifest_fields)
         raw_parents = [coerce_ref(p) for p in fields.pop("parents", [])]
@@ -463,48 +366,192 @@ class Store:
             version = max([task_status.last_version, *self._version_dirs(staging.task)]) + 1
             manifest = build_manifest({**fields, "parents": parents}, version=version, **fixed)
             atomic_write_bytes(staging.dir / "manifest.json", manifest.model_dump_json(indent=2).encode() + b"\n")
-            _crash_point("after_manifest")
-            self._publish(staging, version)
-            _crash_point("after_rename")
+            crash_point("after_manifest")
+            publish_version(staging, self._task_dir(staging.task), version)
+            crash_point("after_rename")
             demoted = {v: "archived" for v, s in task_status.versions.items() if s == "active" and status == "active"}
             task_status.versions.update({**demoted, version: status})
             task_status.last_version = version
             task_status.generation += 1
             save_task_status(self._status_path(staging.task), task_status)
-            _crash_point("after_status")
+            crash_point("after_status")
             record = make_record(manifest, status, self._task_dir(staging.task) / f"v{version}")
             dirs = self._version_dirs(staging.task)
             self._index.update_task(staging.task, task_status.generation, dirs, upsert=[record], statuses=demoted)
-            _crash_point("after_index")
-            self._audit("commit", str(record.ref), None, status, reason, actor, method=manifest.method)
+            crash_point("after_index")
+            self._audit("commit", str(record.ref), None, status, reason, actor=actor, method=manifest.method)
             for v in demoted:
-                self._audit("status", f"{staging.task}@{v}", "active", "archived", f"superseded by {record.ref}", actor)
+                self._audit("status", f"{staging.task}@{v}", "active", "archived", f"superseded by {record.ref}", actor=actor)
         logger.info("committed %s (%s, %s)", record.ref, manifest.method, status)
         return record
-
-    def _publish(self, staging: Staging, version: int) -> None:
-        """Rename the staging directory into place: the commit point. Must hold the lock."""
-        task_dir = self._task_dir(staging.task)
-        target = task_dir / f"v{version}"
-        if task_dir.is_dir():
-            _crash_point("before_rename")
-            os.rename(staging.dir, target)
-        else:
-            # A new task: build tasks/<task>/v<N> inside .work and rename the task folder into
-            # place, so a crash before that rename leaves not even an empty task folder behind.
-            wrapper = staging.dir.with_name(staging.dir.name + "-task")
-            wrapper.mkdir()
-            os.rename(staging.dir, wrapper / target.name)
-            fsync_dir(wrapper)
-            _crash_point("before_rename")
-            os.rename(wrapper, task_dir)
-            fsync_dir(self.tasks_dir)
-        fsync_dir(task_dir)
-        fsync_dir(staging.dir.parent)
-        staging.dir = target
-        staging.committed = True
 
     @staticmethod
     def _check_status(status: str) -> None:
         if status not in STATUSES:
             raise RegistryError(f"unknown status {status!r}", hint=f"use one of: {', '.join(STATUSES)}")
+
+    def set_status(self, ref: AdapterRef | str, status: str, reason: str, *, actor: str = "cladapt") -> VersionRecord:
+        """Promote, reject, archive or roll back one version; audited.
+
+        Making a version ``active`` archives the task's previous active version (one active per task).
+        """
+        self._check_status(status)
+        with self._lock:
+            rec = self.get(ref)
+            task_status = load_task_status(self._status_path(rec.task))
+            old = task_status.versions.get(rec.version, rec.status)
+            if old == status:
+                logger.info("%s is already %s", rec.ref, status)
+                return rec
+            changes = {v: "archived" for v, s in task_status.versions.items() if s == "active" and status == "active"}
+            changes[rec.version] = status
+            task_status.versions.update(changes)
+            task_status.generation += 1
+            save_task_status(self._status_path(rec.task), task_status)
+            self._index.update_task(rec.task, task_status.generation, self._version_dirs(rec.task), statuses=changes)
+            self._audit("status", str(rec.ref), old, status, reason, actor=actor)
+            for v in changes.keys() - {rec.version}:
+                self._audit("status", f"{rec.task}@{v}", "active", "archived", f"superseded by {rec.ref}", actor=actor)
+            return self.get(rec.ref)
+
+    def remove(self, ref: AdapterRef | str, *, force: bool = False, reason: str = "", actor: str = "cladapt") -> None:
+        """Delete one version (an explicit ``task@N``); audited.
+
+        Raises:
+            Conflict: another version lists it in ``parents`` (named in the message), unless ``force``.
+        """
+        r = coerce_ref(ref)
+        if r.version is None:
+            raise RegistryError(f"remove needs an explicit version, got {r}", hint=f"write e.g. '{r.task}@1'")
+        with self._lock:
+            rec = self.get(r)
+            dependants = self._index.dependants(rec.task, rec.version)
+            if dependants and not force:
+                raise Conflict(
+                    f"{rec.ref} is a parent of {', '.join(dependants)}",
+                    hint="remove those versions first, or force it (their lineage will then point at a removed version)",
+                )
+            trash = self.work_dir / "trash" / uuid.uuid4().hex
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(rec.path, trash)  # atomic: the version is either fully there or gone
+            fsync_dir(rec.path.parent)
+            task_status = load_task_status(self._status_path(rec.task))
+            task_status.versions.pop(rec.version, None)
+            task_status.generation += 1
+            save_task_status(self._status_path(rec.task), task_status)
+            self._index.update_task(rec.task, task_status.generation, self._version_dirs(rec.task), delete=[rec.version])
+            why = reason or ("forced; dependants: " + ", ".join(dependants) if dependants else "removed")
+            self._audit("remove", str(rec.ref), rec.status, None, why, actor=actor)
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("removed %s", rec.ref)
+
+    def add_evaluation(self, ref: AdapterRef | str, name: str, payload: dict[str, Any], *, actor: str = "cladapt") -> None:
+        """Attach (or replace) ``evals/<name>.json``: a mutable annotation, not part of the manifest."""
+        validate_name(name, what="evaluation name")
+        if not isinstance(payload, dict):
+            raise RegistryError(f"evaluation {name!r} must be a dict, got {type(payload).__name__}")
+        try:
+            data = dumps_json(payload)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"evaluation {name!r} is not JSON-serialisable: {exc}") from exc
+        with self._lock:
+            rec = self.get(ref)
+            evals = rec.path / "evals"
+            if not evals.is_dir():
+                evals.mkdir()
+                fsync_dir(rec.path)
+            atomic_write_bytes(evals / f"{name}.json", data)
+            self._audit("evaluate", str(rec.ref), None, None, name, actor=actor)
+
+    def set_policy(self, policy: dict[str, Any], *, actor: str = "cladapt", reason: str = "") -> None:
+        """Replace ``policy.json`` atomically; audited with the old and new policy."""
+        if not isinstance(policy, dict):
+            raise RegistryError(f"a policy must be a dict, got {type(policy).__name__}")
+        try:
+            data = dumps_json(policy)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"the policy is not JSON-serialisable: {exc}") from exc
+        with self._lock:
+            old = self.get_policy()
+            atomic_write_bytes(self.root / "policy.json", data)
+            self._audit("policy", None, old, policy, reason, actor=actor)
+
+    # ------------------------------------------------------------------ shared state
+
+    def shared_dir(self, kind: str, key: str) -> Path:
+        """``<root>/shared/<kind>/<key>/`` (not created): state shared by tasks, e.g. replay statistics."""
+        return self.root / "shared" / validate_name(kind, what="shared-state kind") / validate_shared_key(key)
+
+    def write_shared(self, kind: str, key: str, files: dict[str, Path], *, actor: str = "cladapt") -> Path:
+        """Store ``files`` (name -> source path) as the shared state ``kind/key``, replacing any old one.
+
+        Files are copied and hashed into ``.work`` first (no lock); under the lock the new folder
+        replaces the old one by two renames, which readers and later writers can recover from.
+        """
+        target = self.shared_dir(kind, key)
+        tmp = self.work_dir / "staging" / f"shared-{uuid.uuid4().hex}"
+        try:
+            stage_shared(tmp, files)
+            with self._lock:
+                replaced = publish_shared(tmp, target)
+                self._audit("write-shared", f"{kind}/{key}", None, sorted(files), "replaced" if replaced else "created", actor=actor)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def read_shared(self, kind: str, key: str) -> Path | None:
+        """The verified shared-state folder ``kind/key``, or None if it was never written.
+
+        Raises:
+            IntegrityError: a file does not match the sha256 recorded when it was written.
+        """
+        return read_shared_dir(self.shared_dir(kind, key), f"{kind}/{key}")
+
+    # ------------------------------------------------------------------ maintenance
+
+    def run_dir(self, task: str, run_id: str) -> Path:
+        """A scratch folder ``.work/runs/<task>/<run_id>`` for checkpoints (created; not registry state)."""
+        path = self.work_dir / "runs" / validate_task_name(task) / validate_shared_key(run_id)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def verify(self, *, reindex: bool = False) -> builtins.list[Problem]:
+        """Check everything: re-hash every file of every version, and compare the index with the
+        manifests and statuses. ``reindex`` first rebuilds the index from the manifests.
+
+        Returns the problems that remain (an empty list means the registry is sound).
+        """
+        problems: builtins.list[Problem] = []
+        with self._lock:
+            if reindex:
+                self._index.reset()
+                problems += self._reindex(disk_tasks(self.tasks_dir))
+            else:
+                problems += self._sync()
+            problems += self._index.compare()
+        for rec in self._index.records():
+            problems += check_version(rec.path, rec.manifest)
+            problems += check_evals(rec.path, str(rec.ref))
+        bad_lines = audit.read_events(self._audit_path)[1]
+        if bad_lines:
+            problems.append(Problem(audit.AUDIT_FILE, f"malformed line(s) {bad_lines[:10]}"))
+        problems = builtins.list(dict.fromkeys(problems))  # a reindex and the comparison may both see one
+        for problem in problems:
+            logger.warning("verify: %s", problem)
+        return problems
+
+    def clean_work(self, *, older_than_s: float = 24 * 3600) -> int:
+        """Delete ``.work`` debris: trash, and staging folders untouched for ``older_than_s``."""
+        import time
+
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for sub, always in ((self.work_dir / "trash", True), (self.work_dir / "staging", False)):
+            for path in sub.iterdir() if sub.is_dir() else []:
+                if always or path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+        return removed
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"

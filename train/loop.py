@@ -73,9 +73,13 @@ class _PluginSteps(TrainerCallback):
 class CLTrainer(Trainer):
     """``transformers.Trainer`` with continual-learning plugins."""
 
-    def __init__(self, *args: Any, plugins: list[TrainingPlugin], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, plugins: list[TrainingPlugin], train_sampler: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.plugins = plugins
+        #: a sampler that fixes the row order (GeRe's BI mixing); None = Trainer's shuffling
+        self.train_sampler = train_sampler
         self.needs_hidden_states = any(getattr(p, "needs_hidden_states", False) for p in plugins)
         # our compute_loss returns a per-micro-batch mean, so Trainer must divide by the
         # accumulation steps itself
@@ -83,6 +87,11 @@ class CLTrainer(Trainer):
         self.add_callback(_PluginSteps(plugins))
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts = 0
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None

