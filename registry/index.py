@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,8 +79,10 @@ class Index:
         self.tasks_dir = Path(tasks_dir)
 
     @contextmanager
-    def _connect(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+    def _connect(self, *, write: bool = False, create: bool = False) -> Iterator[sqlite3.Connection]:
+        # mode=rw: a deleted index raises instead of silently becoming a new empty database.
+        mode = "rwc" if create else "rw"
+        conn = sqlite3.connect(f"{self.path.as_uri()}?mode={mode}", uri=True, timeout=60.0, isolation_level=None)
         try:
             if write:
                 conn.execute("BEGIN IMMEDIATE")
@@ -96,32 +99,53 @@ class Index:
 
     # ---------------------------------------------------------------- schema
 
-    def ensure(self) -> bool:
-        """Open (creating if needed) the index. Returns True when it was (re)created empty.
+    def usable(self) -> bool:
+        """True when the index file exists, is a SQLite database and has this schema version.
 
-        A corrupt file or a different schema is deleted and recreated: the index holds nothing
-        that the manifests do not.
+        Opened read-only, so checking never creates or alters the file.
         """
+        if not self.path.is_file():
+            return False
         try:
-            with self._connect() as conn:
-                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if "meta" in tables:
-                    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                    if row is not None and row[0] == str(INDEX_SCHEMA):
-                        return False
-                    logger.warning("%s: index schema %s differs from %s; rebuilding", self.path, row, INDEX_SCHEMA)
-                elif tables:
-                    logger.warning("%s: not a cladapt index; rebuilding", self.path)
+            conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=60.0)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            finally:
+                conn.close()
         except sqlite3.DatabaseError as exc:
-            logger.warning("%s: unreadable index (%s); rebuilding it from the manifests", self.path, exc)
-        self.reset()
+            logger.warning("%s: unreadable index (%s); it will be rebuilt from the manifests", self.path, exc)
+            return False
+        if row is None or row[0] != str(INDEX_SCHEMA):
+            logger.warning("%s: index schema %s is not %s; it will be rebuilt", self.path, row, INDEX_SCHEMA)
+            return False
         return True
 
+    def rebuild_all(self, on_event: EventSink) -> list[Problem]:
+        """Build a complete new index from every task on disk in a temporary file, then swap it in.
+
+        Readers never take the registry lock, so the index must never be visible half-built:
+        ``os.replace`` switches them from the old file to the finished one in one step. The
+        caller holds the lock.
+        """
+        for orphan in self.path.parent.glob(f".{self.path.name}.*.tmp*"):  # from a rebuild that was killed
+            orphan.unlink(missing_ok=True)
+        fresh = Index(self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp"), self.tasks_dir)
+        try:
+            fresh.reset()
+            previous = self if self.usable() else None
+            problems = fresh.rebuild(disk_tasks(self.tasks_dir), on_event, previous=previous)
+            os.replace(fresh.path, self.path)
+        finally:
+            fresh.path.unlink(missing_ok=True)
+            Path(f"{fresh.path}-journal").unlink(missing_ok=True)
+        return problems
+
     def reset(self) -> None:
-        """Delete and recreate an empty index (the caller then reindexes every task)."""
+        """Delete and recreate an empty index. Only for a file no reader can see yet (a new
+        registry, or the temporary file of :meth:`rebuild_all`)."""
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        with self._connect(write=True) as conn:
+        with self._connect(write=True, create=True) as conn:
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -255,7 +279,7 @@ class Index:
             base_fingerprint=str(base_fp),
             created=str(created),
             parents=tuple(json.loads(str(parents))),
-            path=self.tasks_dir / str(task) / f"v{version}",
+            path=Path(f"{self.tasks_dir}/{task}/v{version}"),  # one parse, not two joins: list() is hot
             manifest=Manifest.model_validate_json(str(manifest)),
         )
 
@@ -267,7 +291,7 @@ class Index:
         disk, indexed = disk_state(self.tasks_dir, task), self.state(task)
         return {t for t in disk.keys() | indexed.keys() if disk.get(t) != indexed.get(t)}
 
-    def rebuild(self, tasks: Iterable[str], on_event: EventSink) -> list[Problem]:
+    def rebuild(self, tasks: Iterable[str], on_event: EventSink, *, previous: Index | None = None) -> list[Problem]:
         """Rebuild the rows of ``tasks`` from their manifests, repairing ``status.json`` on the way.
 
         The caller must hold the registry lock. Repairs, each reported to ``on_event``:
@@ -275,6 +299,7 @@ class Index:
         ``candidate``, never silently ``active``; a status without a directory (a remove killed
         after its rename) is dropped; an unreadable ``status.json`` is rebuilt from the index.
         Versions whose manifest is unreadable get no row and are returned as problems.
+        ``previous`` is the index whose statuses rebuild an unreadable ``status.json`` (default: self).
         """
         problems: list[Problem] = []
         batch: dict[str, tuple[int, frozenset[int], list[VersionRecord]]] = {}
@@ -286,7 +311,7 @@ class Index:
             for leftover in task_dir.iterdir():  # temporaries of a writer killed mid-write
                 if is_tmp_name(leftover.name):
                     leftover.unlink(missing_ok=True)
-            status, changed = self._load_or_rebuild_status(task, problems, on_event)
+            status, changed = self._load_or_rebuild_status(task, problems, on_event, previous or self)
             dirs = version_dirs(task_dir)
             records = []
             for version in sorted(dirs):
@@ -308,13 +333,15 @@ class Index:
         self.replace_tasks(batch)
         return problems
 
-    def _load_or_rebuild_status(self, task: str, problems: list[Problem], on_event: EventSink) -> tuple[TaskStatus, bool]:
+    def _load_or_rebuild_status(
+        self, task: str, problems: list[Problem], on_event: EventSink, previous: Index | None
+    ) -> tuple[TaskStatus, bool]:
         try:
             return load_task_status(self.tasks_dir / task / "status.json"), False
         except IntegrityError as exc:
             problems.append(Problem(f"{task}/status.json", exc.message))
-            known = {rec.version: rec.status for rec in self.records(task)}
-            generation = self.state(task).get(task, (0, frozenset()))[0] + 1
+            known = {rec.version: rec.status for rec in previous.records(task)} if previous else {}
+            generation = previous.state(task).get(task, (0, frozenset()))[0] + 1 if previous else 1
             on_event("recover", task, None, None, "status.json was unreadable; rebuilt from the index")
             return TaskStatus(generation=max(generation, 1), versions=known), True
 

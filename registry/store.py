@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cladapt.registry import audit
 from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
-from cladapt.registry.index import INDEX_FILE, Index, disk_tasks, version_dirs
+from cladapt.registry.index import INDEX_FILE, Index, version_dirs
 from cladapt.registry.lock import StoreLock
 from cladapt.registry.manifest import (
     STATUSES,
@@ -154,11 +155,12 @@ class Store:
                 sub.mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # a read-only mount can still be listed and served
                 logger.warning("cannot create %s (%s); this registry is read-only here", sub, exc)
-        if store._index.ensure():
-            with store._lock:
-                store._reindex(disk_tasks(store.tasks_dir))
-        else:
+        if store._index.usable():
             store._sync()
+        else:
+            with store._lock:
+                if not store._index.usable():  # another process may have rebuilt it meanwhile
+                    store._rebuild_all()
         return store
 
     def _work_dirs(self) -> list[Path]:
@@ -180,13 +182,18 @@ class Store:
 
         Returns the problems met while reindexing (logged; ``verify`` reports them).
         """
-        if not self._index.stale(task):
-            return []
+        try:
+            if not self._index.stale(task):
+                return []
+        except sqlite3.DatabaseError:  # the index was deleted or damaged after open()
+            with self._lock:
+                return [] if self._index.usable() else self._rebuild_all()
         with self._lock:
             stale = self._index.stale(task)  # re-check: a live committer may just have finished
             if not stale:
                 return []
-            logger.warning("index is stale for %s (interrupted commit?); reindexing", sorted(stale))
+            names = sorted(stale)
+            logger.warning("index is stale for %d task(s) %s (interrupted commit?); reindexing", len(names), names[:10])
             problems = self._reindex(stale)
         for problem in problems:
             logger.warning("reindex: %s", problem)
@@ -196,6 +203,11 @@ class Store:
         """Rebuild the index rows of ``tasks`` from disk, auditing every repair. Holds the lock."""
         with self._lock:
             return self._index.rebuild(tasks, lambda *event: self._audit(*event, actor="cladapt"))
+
+    def _rebuild_all(self) -> builtins.list[Problem]:
+        """Rebuild the whole index from the manifests, swapping it in atomically. Holds the lock."""
+        with self._lock:
+            return self._index.rebuild_all(lambda *event: self._audit(*event, actor="cladapt"))
 
     def _audit(self, action: str, ref: str | None, from_: Any, to: Any, reason: str, *, actor: str, **extra: Any) -> None:
         audit.append_event(self._audit_path, action=action, ref=ref, from_=from_, to=to, reason=reason, actor=actor, **extra)
@@ -524,8 +536,7 @@ class Store:
         problems: builtins.list[Problem] = []
         with self._lock:
             if reindex:
-                self._index.reset()
-                problems += self._reindex(disk_tasks(self.tasks_dir))
+                problems += self._rebuild_all()
             else:
                 problems += self._sync()
             problems += self._index.compare()

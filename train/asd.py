@@ -199,7 +199,7 @@ def _convert(
         return _with_user_turn(ex, content, target, _meta(ex, style, g, info)), None
     if style in ("BE", "DE"):
         if not explanation:
-            return None, "generator failure: no usable explanation"
+            return None, "generator failure: no explanation"
         sep = " " if g.rstrip().endswith((".", "!", "?")) else ". "
         target = g.rstrip() + sep + explanation
     else:
@@ -221,6 +221,26 @@ def clean_explanation(text: str | None, words: int) -> str | None:
         else:
             flat += "."
     return flat
+
+
+def explanation_problem(text: str, question: str, gold: str, others: Sequence[str]) -> str | None:
+    """Why a generated explanation is unusable, or None. Two cheap checks **[cladapt]**: it names
+    another label but not the gold (a small generator often contradicts the answer it was given),
+    or it merely copies the question (its first 6-12 words appear verbatim in it)."""
+    norm = normalize_answer(text)
+
+    def names(answer: str) -> bool:
+        a = normalize_answer(answer)
+        return bool(a) and re.search(rf"(?<!\S){re.escape(a)}(?!\S)", norm) is not None
+
+    if not names(gold):
+        other = next((o for o in others if names(o)), None)
+        if other is not None:
+            return f"generator failure: the explanation names another answer ({other!r}) and not the gold"
+    words = norm.split()[:12]
+    if len(words) >= 6 and " ".join(words) in normalize_answer(question):
+        return "generator failure: the explanation copies the question"
+    return None
 
 
 def asd(
@@ -257,6 +277,7 @@ def asd(
         assignment = {i: s for i, s in assignment.items() if i in keep}
     candidates, lset = label_set(examples, labels, count, max_gold_tokens)
     explanations = _explanations(examples, assignment, generator)
+    contrasts = candidates if lset["kind"] != "pool" else []  # free-form answers: no contradiction check
     out = list(examples)
     skipped: list[Skipped] = []
     counts = Counter({s: 0 for s in styles})
@@ -269,7 +290,10 @@ def asd(
             reason = f"gold answer longer than {max_gold_tokens} tokens ({style} would be unreadable)"
         else:
             rng = random.Random(f"asd:{seed}:{i}")
-            converted, reason = _convert(ex, style, rng, candidates, explanations.get(i))
+            expl = explanations.get(i)
+            others = [c for c in contrasts if normalize_answer(c) != normalize_answer(ex.answer)]
+            reason = explanation_problem(expl, ex.prompt_text, ex.answer, others) if expl else None
+            converted, reason = (None, reason) if reason else _convert(ex, style, rng, candidates, expl)
             if converted is not None:
                 out[i] = converted
                 counts[style] += 1

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from cladapt.train.data import Example, load_examples
 
 from cladapt.errors import DataError, Issue
 from cladapt.generation import generate, render
+from cladapt.train.data import Example, load_examples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

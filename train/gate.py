@@ -26,11 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cladapt.errors import ConfigError, Issue
 
 if TYPE_CHECKING:
+    from cladapt.config import RunConfig
     from cladapt.registry.manifest import VersionRecord
     from cladapt.registry.store import Store
     from cladapt.train.run import RunContext
-
-    from cladapt.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

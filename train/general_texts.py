@@ -122,7 +122,10 @@ def load_texts(path: str | Path) -> list[dict[str, str]]:
                 except json.JSONDecodeError as exc:
                     issues.append(Issue(f"{path}:{n}", f"not valid JSON: {exc.msg}"))
     elif path.suffix.lower() == ".json":
-        data = json.loads(raw)
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError([Issue(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from exc
         if not isinstance(data, list):
             raise DataError([Issue(str(path), "a .json file of texts must hold an array of rows")])
         records = list(enumerate(data, start=1))

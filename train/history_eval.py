@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import TRAIN_ADAPTER
 from cladapt.adapters.compose import factors
@@ -31,10 +32,9 @@ from cladapt.train import evaluate as E
 from cladapt.train.matrix import Row, cached_baseline, eval_files, recorded_rows, score_key
 
 if TYPE_CHECKING:
+    from cladapt.config import RunConfig
     from cladapt.registry.store import Store
     from cladapt.train.run import RunContext
-
-    from cladapt.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class EvalOptions:
     ppl_files: list[str] | None = None
     ppl_samples: int = 32
     ppl_length: int = 256
+    before: bool = True  # also score the model before this version on the new task (R[t-1][t], for FWT)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> EvalOptions:
@@ -129,11 +130,23 @@ class HistoryEvaluator:
         options: EvalOptions,
         *,
         sets: dict[str, E.EvalSet] | None = None,
+        composition: str | None = None,
+        baseline_cache: dict[str, Any] | None = None,
     ) -> None:
+        """
+        Args:
+            sets: score exactly these sets (benchmarks: every task of the order, future ones too)
+                instead of the recorded eval data.
+            composition: override the method's composition (the ``mtl`` baseline is a ``lora``
+                adapter that answers every task: ``single``).
+            baseline_cache: a shared ``{task|key: result}`` memo of base-model scores (benchmarks
+                run one registry per method on the same base and data).
+        """
         self.store, self.cfg, self.task, self.options = store, cfg, task, options
         self.eval_data = eval_data
-        self.fixed_sets = sets  # benchmarks pass every task's set (incl. future tasks) directly
-        self.composition = METHODS.get(cfg.method.name).composition
+        self.fixed_sets = sets
+        self.composition = composition or METHODS.get(cfg.method.name).composition
+        self.baseline_cache = baseline_cache
 
     # -------------------------------------------------------------- which data
 
@@ -203,20 +216,23 @@ class HistoryEvaluator:
             es = sets[t]
             return score_key({"sha256": es.sha256, "max_new_tokens": budgets[t], "n": len(es.examples)}, rule, mode)
 
-        scores: dict[str, Any] = {}
         logger.info("Evaluating %s on %d task(s) (%s, mode %s)", self.task, len(sets), self.composition, mode)
-        for t, es in sets.items():
-            scores[t] = self._score_task(ctx, peft_model, rows, t, es, budgets[t], key(t))
         folded = self._folded(ctx) if self.composition == "sum" else []
         baseline: dict[str, Any] = {}
         for t, es in sets.items():
-            hit = cached_baseline(rows, t, key(t))
+            memo = f"{t}|{key(t)}"
+            hit = cached_baseline(rows, t, key(t)) or (self.baseline_cache or {}).get(memo)
             if hit is None:
                 with raw_base(peft_model, folded):
                     hit = self._score(peft_model, tok, es, budgets[t], "base model")
             baseline[t] = hit
+            if self.baseline_cache is not None:
+                self.baseline_cache[memo] = hit
+        scores: dict[str, Any] = {}
+        for t, es in sets.items():
+            scores[t] = self._score_task(ctx, peft_model, rows, t, es, budgets[t], key(t), baseline[t])
         before: dict[str, Any] = {}
-        if self.task in sets:
+        if self.task in sets and self.options.before:
             before[self.task] = self._before(ctx, peft_model, sets[self.task], budgets[self.task], baseline[self.task])
         payload: dict[str, Any] = {
             "rule": rule, "mode": mode, "composition": self.composition, "base_fingerprint": fp,
@@ -228,11 +244,15 @@ class HistoryEvaluator:
         return payload
 
     def _score_task(
-        self, ctx: RunContext, peft_model: Any, rows: list[Row], t: str, es: E.EvalSet, budget: int, key: tuple[Any, ...]
+        self, ctx: RunContext, peft_model: Any, rows: list[Row], t: str, es: E.EvalSet, budget: int,
+        key: tuple[Any, ...], baseline: dict[str, Any],
     ) -> dict[str, Any]:
         if t == self.task or self.composition != "route":
             return {**self._score(peft_model, ctx.tokenizer, es, budget, "new model"), "adapters": ["self"]}
-        ref = str(self.store.active(t).ref)  # type: ignore[union-attr]
+        rec = self.store.active(t)
+        if rec is None:  # no adapter to route to yet (a later task of a benchmark): the base model answers
+            return {**baseline, "adapters": []}
+        ref = str(rec.ref)
         own = next((r for r in rows if r.ref == ref), None)
         entry = own.entry(t) if own is not None else None
         if own is not None and entry is not None and own.key(t) == key and entry.get("adapters") == ["self"]:

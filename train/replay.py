@@ -359,7 +359,7 @@ class GeRe(TrainingPlugin):
         self.settings = settings
         self.needs_hidden_states = settings.loss in ("tm", "l1", "l2")
         self.usage = usage or {}
-        self._sums = {"tm": 0.0, "violating": 0.0, "weight": 0.0}
+        self._sums: dict[str, float] = {}
         self._steps = 0
 
     def _replay_view(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
@@ -392,6 +392,7 @@ class GeRe(TrainingPlugin):
             with torch.no_grad(), _disabled_adapters(model):
                 base = model(input_ids=batch["input_ids"][sel], attention_mask=batch["attention_mask"][sel]).logits
             kl = masked_kl(base, outputs.logits[sel], batch["attention_mask"][sel], self.settings.temperature)
+            self._observe(kl=kl)
             return {"kl": self.settings.lambda_kl * kl}
         hc = outputs.hidden_states[-1][sel][:, :width].float()
         if loss in ("l1", "l2"):
@@ -399,6 +400,7 @@ class GeRe(TrainingPlugin):
             h0 = self.record.states[idx, :width].to(dev).float()
             diff = (hc - h0).abs() if loss == "l1" else (hc - h0) ** 2
             value = (diff * mask[..., None]).sum() / (mask.sum() * hc.shape[-1]).clamp_min(1)
+            self._observe(**{loss: value})
             return {loss: self.settings.lambda_f * value}
         regions = self.record.regions[idx, :width].to(dev)
         tm = tm_loss(hc, regions, self.record.pos.to(dev), self.record.neg.to(dev), mask)
@@ -407,17 +409,17 @@ class GeRe(TrainingPlugin):
             weight = dynamic_weight(ce, tm)
         else:
             weight = torch.tensor(float(self.settings.weight), device=dev)
-        self._observe(tm, regions, hc, mask, weight)
+        with torch.no_grad():  # share of real elements that left their recorded band
+            now = region_codes(hc, self.record.pos.to(dev), self.record.neg.to(dev))
+            real = mask.bool()[..., None].expand_as(now)
+            moved = ((now != regions) & real).sum() / real.sum().clamp_min(1)
+        self._observe(tm=tm, violating=moved, weight=weight)
         return {"tm": weight * tm}
 
-    @torch.no_grad()
-    def _observe(self, tm: torch.Tensor, regions: Any, hc: torch.Tensor, mask: torch.Tensor, weight: Any) -> None:
-        pos, neg = self.record.pos.to(hc.device), self.record.neg.to(hc.device)
-        now = region_codes(hc, pos, neg)
-        real = mask.bool()[..., None].expand_as(now)
-        self._sums["tm"] += float(tm)
-        self._sums["violating"] += float(((now != regions) & real).sum() / real.sum().clamp_min(1))
-        self._sums["weight"] += float(weight)
+    def _observe(self, **values: torch.Tensor) -> None:
+        """Running means for the ``gere.json`` sidecar and the manifest's metrics (monitoring only)."""
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
         self._steps += 1
 
     def finalize(self, model: Any, task: Any) -> Sidecars:

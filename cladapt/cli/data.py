@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
-from cladapt.cli.common import console, echo_json, err_console, open_store, registry_option
+from cladapt.cli.common import console, echo_json, open_store, registry_option
 
 _BASE_HELP = "Hugging Face id or folder [default: smollm2-135m-instruct]"
 
@@ -56,10 +57,8 @@ def data_check(files: tuple[Path, ...], base_model: str | None, no_tokens: bool,
     except DataError as exc:
         if as_json:
             echo_json({"ok": False, "issues": [str(i) for i in exc.issues]})
-        else:
-            err_console.print(str(exc), highlight=False, markup=False)
-            if exc.hint:
-                err_console.print(f"hint: {exc.hint}", highlight=False, markup=False)
+        else:  # plain echo: rich would wrap long file:line locations
+            click.echo(str(exc), err=True)
         raise SystemExit(1) from exc
     report = describe(loaded, tokenizer=None if no_tokens else _tokenizer(base_model), max_length=max_length)
     if as_json:
@@ -152,16 +151,19 @@ def asd_preview(
     )
     if output:
         output.write_text("".join(line + "\n" for line in to_jsonl_rows(result.examples)))
-    rows = [result.examples[i] for i in shown]
+    rows = [(planned[i], result.examples[i]) for i in shown]
     report = result.report.to_json()
     if as_json:
-        echo_json({"rows": [{"where": r.where, "messages": r.messages, **r.meta} for r in rows], "report": report})
+        echo_json({
+            "rows": [{"where": r.where, "planned": p, "converted": "style" in r.meta, "messages": r.messages, **r.meta}
+                     for p, r in rows],
+            "report": report,
+        })
         return
-    for r in rows:
-        style = r.meta.get("style", original_style)
-        console.rule(f"{r.where}  [bold]{style}[/]")
-        console.print(f"[dim]user:[/] {r.prompt_text}", highlight=False, markup=False)
-        console.print(f"[bold]assistant:[/] {r.answer}", highlight=False)
+    for p, r in rows:
+        console.rule(f"{r.where}  [bold]{p}[/]" + ("" if "style" in r.meta else " (not converted, see below)"))
+        console.print(Text.assemble(("user: ", "dim"), r.prompt_text))
+        console.print(Text.assemble(("assistant: ", "bold"), r.answer))
     console.rule()
     scope = "whole file" if output else f"{len(shown)} previewed rows"
     console.print(f"converted ({scope}): {report['counts']}; skipped: {len(report['skipped'])}", highlight=False)

@@ -86,11 +86,12 @@ def adapter_state(model: Any, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.T
     return out
 
 
-def make_method(name: str, *, r: int = 4, alpha: float = 8.0, targets: list[str] | None = None, **cfg: Any) -> CLMethod:
+def make_method(name: str, *, r: int = 4, lora_alpha: float = 8.0, targets: list[str] | None = None, **cfg: Any) -> CLMethod:
+    """A method with a small LoRA; ``cfg`` are method config fields."""
     from cladapt.adapters import METHODS
 
     cls = METHODS.get(name)
-    lora = LoraSpec(r=r, alpha=alpha, dropout=0.0, target_modules=targets or ["q_proj", "v_proj"])
+    lora = LoraSpec(r=r, alpha=lora_alpha, dropout=0.0, target_modules=targets or ["q_proj", "v_proj"])
     return cls(cls.Config(name=name, **cfg), lora)
 
 
@@ -98,7 +99,7 @@ def peft_model(base: Any, method: CLMethod, seed: int = 0) -> Any:
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(base, method.lora_config("tiny"), adapter_name=TRAIN_ADAPTER)
+    return get_peft_model(base, method.lora_config(base.config._name_or_path), adapter_name=TRAIN_ADAPTER)
 
 
 def random_batches(vocab: int, n: int = 4, *, batch: int = 4, seq: int = 12, seed: int = 0, pad: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -158,3 +159,14 @@ def train_steps(
         opt.zero_grad(set_to_none=True)
         if after_step:
             after_step(step)
+
+
+def task_rows(kind: str, n: int = 16) -> list[dict[str, str]]:
+    """The two small synthetic tasks of tests/conftest.py (sentiment, topics), as instruction rows."""
+    if kind == "sentiment":
+        words = [("the film was great", "positive"), ("the film was terrible", "negative")]
+        instr = "What is the sentiment of the following paragraph? Option: positive, negative\n"
+    else:
+        words = [("the actor plays sports", "sports"), ("the company does business", "business")]
+        instr = "What is the topic of the following paragraph? Option: sports, business\n"
+    return [{"instruction": instr, "input": f"{words[i % 2][0]} {i}", "output": words[i % 2][1]} for i in range(n)]

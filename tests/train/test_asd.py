@@ -242,3 +242,22 @@ def test_global_random_state_untouched() -> None:
     state = random.getstate()
     asd(rows(40), seed=0, generator=fake_generator, generator_id="f")
     assert random.getstate() == state
+
+
+def test_explanations_that_contradict_or_copy_are_rejected() -> None:
+    data = rows(40)
+
+    def contrary(requests: list[ExplainRequest]) -> list[str | None]:
+        out: list[str | None] = []
+        for k, r in enumerate(requests):
+            wrong = next(lab for lab in LABELS if lab != r.gold)
+            copied = " ".join(r.question.split()[:14])
+            out.append([f"it is clearly about a {wrong.lower()} here.", copied, f"a {r.gold} it is."][k % 3])
+        return out
+
+    result = asd(data, percent=100, seed=0, generator=contrary, generator_id="contrary")
+    reasons = {s.reason.split(" (")[0] for s in result.report.skipped}
+    assert reasons == {"generator failure: the explanation names another answer",
+                       "generator failure: the explanation copies the question"}
+    kept = [e for e in converted(result) if e.meta["style"] in ("BE", "DE")]
+    assert kept and all(e.answer.startswith(f"{e.meta['gold']}. a {e.meta['gold']} it is.") for e in kept)

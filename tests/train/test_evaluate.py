@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import task_rows, write_jsonl
+
 from cladapt.train import evaluate as E
 from cladapt.train.data import Example
-from conftest import task_rows, write_jsonl
 
 
 def _ex(prompt: str, answer: str) -> Example:

@@ -1,0 +1,125 @@
+"""Evaluation and governance through the CLI on the tiny model: eval, history, gate, promote,
+rollback, log, report, bench cl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import task_rows, tiny_overrides, write_jsonl
+
+from cladapt.cli import cli
+
+
+def run(*args: object, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def sets(**extra: object) -> list[str]:
+    out: list[str] = []
+    for item in tiny_overrides(**{"eval.max_new_tokens": 3, **extra}):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture
+def evalsets(tmp_path: Path) -> dict[str, Path]:
+    return {k: write_jsonl(tmp_path / f"{k}-test.jsonl", task_rows(k, 8)) for k in ("sentiment", "topics")}
+
+
+def test_history_gate_promote_rollback_log_report(tmp_path, tiny_base_path, two_tasks, evalsets) -> None:
+    reg = tmp_path / "reg"
+    common = ["--registry", reg, "--base-model", tiny_base_path]
+    run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], "--eval-data", evalsets["sentiment"], *common, *sets())
+    hist = json.loads(run("history", "--registry", reg, "--json").output)
+    assert hist["tasks"] == ["sentiment"] and hist["refs"] == ["sentiment@1"] and hist["b"][0] is not None
+    assert "accuracy matrix" in run("history", "--registry", reg).output
+
+    run("gate", "set", "--registry", reg, "--min-score", "100", "--max-drop", "0")
+    assert "min_score 100%" in run("gate", "show", "--registry", reg).output
+    out = run("train", "--task", "topics", "--data", two_tasks["topics"], "--eval-data", evalsets["topics"], *common,
+              *sets()).output
+    assert "rejected" in out
+    full = run("history", "--registry", reg, "--all").output
+    assert "topics@1" in full and "min_score" in full
+
+    log = json.loads(run("log", "--registry", reg, "--json").output)
+    assert any(e["action"] == "policy" for e in log)
+    assert [e["to"] for e in log if e["action"] == "commit"] == ["active", "rejected"]
+
+    run("promote", "topics@1", "--registry", reg, "--reason", "reviewed by hand")
+    assert json.loads(run("list", "--registry", reg, "--json").output)[-1]["status"] == "active"
+    bad = run("rollback", "topics", "--registry", reg, ok=False)
+    assert bad.exit_code == 1 and "no earlier non-rejected version" in bad.output
+
+    run("gate", "clear", "--registry", reg)
+    run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], *common, *sets(**{"eval.on_history": True}))
+    hist = json.loads(run("history", "--registry", reg, "--json").output)
+    assert hist["refs"] == ["topics@1", "sentiment@2"]  # re-training moves a task to the end
+    assert hist["metrics"]["AA"] is not None and hist["metrics"]["BWT"] is not None
+    assert "sentiment@1" in run("rollback", "sentiment", "--registry", reg, "--reason", "oops").output
+    events = json.loads(run("log", "--registry", reg, "--task", "sentiment", "--json").output)
+    assert events[-3]["reason"] == "rollback from sentiment@2: oops" and events[-1]["to"] == "rejected"
+    assert {e["ref"].split("@")[0] for e in events} == {"sentiment"}
+    assert "rollback" in run("log", "--registry", reg, "--limit", "3").output
+
+    rep = tmp_path / "rep"
+    run("report", "--registry", reg, "--out", rep)
+    html = (rep / "index.html").read_text()
+    assert (rep / "heatmap_registry.png").is_file() and "topics@1" in html and "min_score 100" in html
+    score = f"{hist['R'][0][0]:.1f}"
+    assert score in html
+
+
+def test_eval_command_scores_and_records(tmp_path, tiny_base_path, two_tasks, evalsets) -> None:
+    reg = tmp_path / "reg"
+    run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], "--registry", reg, "--base-model",
+        tiny_base_path, *sets())
+    out = json.loads(run("eval", "--registry", reg, "--adapter", "sentiment", "--data", evalsets["sentiment"],
+                         "--task", "sentiment", "--mode", "both", "--max-new-tokens", "auto", "--json").stdout)
+    assert out["n"] == 8 and out["plan"] == {"composition": "adapter", "refs": ["sentiment@1"]}
+    assert out["constrained"] is not None and out["rule"]["id"] == "cladapt-eval-1"
+    shown = json.loads(run("show", "sentiment@1", "--registry", reg, "--json").output)
+    assert shown["evaluations"]["eval-sentiment"]["score"] == out["score"]
+    base = run("eval", "--data", evalsets["topics"], "--base-model", tiny_base_path).output
+    assert "topics" in base and "exact_match" in base
+    bad = run("eval", "--registry", reg, "--compose", "sum", "--data", evalsets["topics"], ok=False)
+    assert bad.exit_code == 1 and "no active sum-composed" in bad.output
+
+
+def _fake_benchmark(root: Path) -> Path:
+    manifest = {"orders": {"o1": ["sentiment", "topics"], "o2": ["topics", "missing"]},
+                "tasks": {"sentiment": {"labels": ["positive", "negative"]}, "topics": {"labels": ["sports", "business"]}}}
+    for kind in ("sentiment", "topics"):
+        write_jsonl((root / kind).mkdir(parents=True) or root / kind / "train.jsonl", task_rows(kind, 20))
+        write_jsonl(root / kind / "test.jsonl", task_rows(kind, 10))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
+    data = _fake_benchmark(tmp_path / "clb")
+    out = tmp_path / "results"
+    args = ["bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora,inc-lora,mtl",
+            "--out", out, "--base-model", tiny_base_path, "--set", "lora.r=2", "--set", "train.batch_size=4"]
+    printed = run(*args).output
+    assert "inc-lora" in printed
+    res = json.loads((out / "cl_o1_smoke.json").read_text())
+    assert res["tasks"] == ["sentiment", "topics"] and res["machine"]["torch"]
+    lora, inc, mtl = (res["cells"][m] for m in ("lora", "inc-lora", "mtl"))
+    assert len(inc["R"]) == 2 and all(v is not None for row in inc["R"] for v in row)  # future tasks scored too
+    assert lora["R"][1][0] == lora["R"][0][0]  # oracle routing: the first adapter is untouched
+    assert lora["R"][0][1] == lora["b"][1]  # no adapter for the future task yet: the base model answers
+    assert mtl["refs"] == ["mtl@1", "mtl@2"] and inc["constrained"] and inc["metrics"]["FWT"] is not None
+    assert (out / "cl_o1_smoke" / "index.html").is_file() and (out / "cl_o1_smoke" / "heatmap_mtl.png").is_file()
+    # a second run reuses every cell
+    before = (out / "cl_o1_smoke.json").read_text()
+    run(*args)
+    assert json.loads((out / "cl_o1_smoke.json").read_text())["cells"] == json.loads(before)["cells"]
+    bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, ok=False)
+    assert bad.exit_code == 1 and "missing" in bad.output

@@ -1,0 +1,233 @@
+"""``cladapt bench cl``: the continual-learning benchmark (O-LoRA's CL_Benchmark, methods.md §11, §13).
+
+For one task order (read from the benchmark folder's ``manifest.json``; no task list is assumed)
+and a list of methods, every method trains the tasks in order into its own registry, and after
+each task the new version is scored on *every* task of the order (future ones too, for FWT) with
+the same evaluation as ``cladapt train --eval-on-history``. Besides the CL methods:
+
+* ``mtl``: one fresh ``lora`` adapter trained on the shuffled union of all tasks so far (the
+  joint-training upper bound), evaluated as one model answering every task;
+* ``lora``: a fresh adapter per task with oracle task ids (``R[T][i] = R[i][i]``; the isolation
+  upper bound).
+
+Resumable: a (order, method) cell whose result is in the JSON is skipped, and inside a cell every
+task already committed to that method's registry is reused. Results go to
+``<out>/cl_<order>_<profile>.json`` (with machine, versions and command) and a report to
+``<out>/cl_<order>_<profile>/index.html``. Profiles: ``smoke`` (2 tasks, 16 rows, 2 steps: proves the
+pipeline), ``small`` (300 train / 100 test rows per task), ``full`` (every row: 1000 / 500).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cladapt.errors import ConfigError, DataError, Issue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    train_rows: int | None  # per task; None = all
+    test_rows: int | None
+    max_tasks: int | None = None  # smoke: only the first tasks of the order
+    max_new_tokens: int | None = None  # None: longest label + margin (labels are short)
+    mode: str = "both"  # strict exact match + constrained (superficial vs essential forgetting)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    "smoke": Profile("smoke", 16, 16, max_tasks=2, overrides={"train.max_steps": 2, "train.max_length": 256}),
+    "small": Profile("small", 300, 100, overrides={"train.max_length": 384}),
+    "full": Profile("full", None, None, max_new_tokens=50),
+}
+
+
+def read_order(data_dir: Path, order: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(tasks of ``order``, labels per task) from ``manifest.json``; every task folder must be present."""
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError([Issue(str(data_dir), "no manifest.json: not a CL benchmark folder")])
+    manifest = json.loads(manifest_path.read_text())
+    orders = manifest.get("orders") or {}
+    if order not in orders:
+        raise ConfigError([Issue("--order", f"unknown order {order!r}; the manifest has {', '.join(orders)}")])
+    tasks = list(orders[order])
+    missing = [t for t in tasks if not (data_dir / t / "train.jsonl").is_file() or not (data_dir / t / "test.jsonl").is_file()]
+    if missing:
+        alt = [o for o, ts in orders.items() if all((data_dir / t / "test.jsonl").is_file() for t in ts)]
+        raise DataError([Issue(str(data_dir / t), "task folder (train.jsonl/test.jsonl) is missing") for t in missing],
+                        hint=f"orders whose tasks are all present: {', '.join(alt)}")
+    labels = {t: list((manifest.get("tasks", {}).get(t) or {}).get("labels") or []) for t in tasks}
+    return tasks, labels
+
+
+def sample_rows(src: Path, n: int | None, dst: Path, *, seed: int = 0) -> Path:
+    """A seeded sample of ``n`` lines of ``src`` (file order kept) written to ``dst``."""
+    lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if n is not None and n < len(lines):
+        lines = [lines[i] for i in sorted(random.Random(seed).sample(range(len(lines)), n))]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+def machine_info() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
+        "cpus": __import__("os").cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(), "git_commit": commit or None,
+    }
+
+
+@dataclass
+class BenchSpec:
+    data_dir: Path
+    order: str
+    profile: Profile
+    methods: list[str]
+    out: Path
+    base_model: str | None = None
+    overrides: list[str] = field(default_factory=list)  # --set for every method
+    fresh: bool = False
+
+
+def _cfg(spec: BenchSpec, method: str) -> Any:
+    from cladapt.config import load_config
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in spec.profile.overrides.items()]
+    if spec.base_model:
+        sets.append(f"base_model={spec.base_model}")
+    return load_config(method="lora" if method == "mtl" else method, overrides=[*sets, *spec.overrides])[0]
+
+
+def _grid(rows: list[Any], tasks: list[str], section: str, field_: str) -> list[list[float | None]]:
+    return [[r.score(t, section, field_) for t in tasks] for r in rows]
+
+
+def run_cell(
+    spec: BenchSpec, method: str, tasks: list[str], files: dict[str, Path], sets: dict[str, Any], loaded: Any,
+    baseline_cache: dict[str, Any],
+) -> dict[str, Any]:
+    """Train ``method`` over ``tasks`` (resuming from its registry) and return its matrices."""
+    from cladapt.registry.store import Store
+    from cladapt.train import metrics as M
+    from cladapt.train.gate import record_row
+    from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
+    from cladapt.train.matrix import recorded_rows
+    from cladapt.train.run import train_task
+
+    cfg = _cfg(spec, method)
+    started = time.time()
+    store = Store.init(work_dir(spec) / "registries" / method, exist_ok=True)
+    # every row scores every task of the order, so R[k-1][k] is there without the extra "before" pass
+    options = EvalOptions(history=True, mode=spec.profile.mode, max_new_tokens=spec.profile.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, before=False)
+    for k, task in enumerate(tasks):
+        if len([r for r in recorded_rows(store) if r.status != "rejected"]) > k:
+            logger.info("[%s] %d/%d %s: already trained, reused", method, k + 1, len(tasks), task)
+            continue
+        name = "mtl" if method == "mtl" else task
+        data = [str(files[t]) for t in tasks[: k + 1]] if method == "mtl" else [str(files[task])]
+        evaluator = HistoryEvaluator(store, cfg, name, None, options, sets=sets, baseline_cache=baseline_cache,
+                                     composition="single" if method == "mtl" else None)
+
+        def hook(ctx: Any, peft_model: Any, evaluator: HistoryEvaluator = evaluator) -> None:
+            record_row(ctx, evaluator(ctx, peft_model), None, store)
+
+        logger.info("[%s] %d/%d: training %s on %s", method, k + 1, len(tasks), name, ", ".join(Path(d).stem for d in data))
+        rec = train_task(store, name, data, cfg, after_train=hook, loaded=loaded)
+        logger.info("[%s] %s: own-task score %s", method, rec.ref, rec.manifest.metrics.get("score"))
+    rows = [r for r in recorded_rows(store) if r.status != "rejected"][: len(tasks)]
+    R = _grid(rows, tasks, "scores", "score")
+    b = [rows[-1].score(t, "baseline") for t in tasks]
+    constrained = _grid(rows, tasks, "scores", "constrained")
+    b_con = [rows[-1].score(t, "baseline", "constrained") for t in tasks]
+    recs = {str(r.ref): r for r in store.list()}
+    return {
+        "status": "done", "method": method, "tasks": tasks, "refs": [r.ref for r in rows],
+        "R": R, "b": b, "format_rate": _grid(rows, tasks, "scores", "format_rate"),
+        "constrained": constrained if any(v is not None for row in constrained for v in row) else [],
+        "b_constrained": b_con, "metrics": M.summary(R, b),
+        "metrics_constrained": M.summary(constrained, b_con) if constrained and constrained[0][0] is not None else None,
+        "train_seconds": round(sum(recs[r.ref].manifest.train_stats.get("wall_seconds", 0.0) for r in rows), 1),
+        "eval_seconds": round(sum(r.payload.get("seconds", 0.0) for r in rows), 1),
+        "cell_seconds_this_run": round(time.time() - started, 1),
+        "config": {"method": cfg.method.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json"),
+                   "train": cfg.train.model_dump(mode="json"), "base_model": cfg.base_model},
+        "machine": machine_info(), "command": " ".join(sys.argv),
+    }
+
+
+def work_dir(spec: BenchSpec) -> Path:
+    """Scratch of one (order, profile): sampled data and one registry per method (kept for resuming)."""
+    return spec.out / ".cl_work" / f"{spec.order}_{spec.profile.name}"
+
+
+def run_bench(spec: BenchSpec) -> Path:
+    """Run (or resume) every method of ``spec``; returns the results JSON path (report written beside it)."""
+    import shutil
+
+    from cladapt.adapters import METHODS
+    from cladapt.base_model import load as load_base
+    from cladapt.train.evaluate import load_eval_set
+    from cladapt.train.report import write_report
+
+    tasks, labels = read_order(spec.data_dir, spec.order)
+    tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
+    for m in spec.methods:
+        if m != "mtl":
+            METHODS.get(m)  # unknown names fail here, with a did-you-mean, before anything runs
+    stem = f"cl_{spec.order}_{spec.profile.name}"
+    result_path = spec.out / f"{stem}.json"
+    if spec.fresh:
+        shutil.rmtree(work_dir(spec), ignore_errors=True)
+    results: dict[str, Any] = {} if spec.fresh or not result_path.is_file() else json.loads(result_path.read_text())
+    results.update(benchmark="cl", order=spec.order, tasks=tasks, profile=asdict(spec.profile),
+                   data_dir=str(spec.data_dir.resolve()), machine=machine_info(), command=" ".join(sys.argv))
+    cells: dict[str, Any] = results.setdefault("cells", {})
+    cache: dict[str, Any] = results.setdefault("baseline_cache", {})
+    data = work_dir(spec) / "data"
+    files = {t: sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl") for t in tasks}
+    sets = {t: load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None,
+                             limit=spec.profile.test_rows) for t in tasks}
+    todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
+    if todo:
+        loaded = load_base(_cfg(spec, todo[0]).base_model)
+        for m in todo:
+            logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
+            cells[m] = run_cell(spec, m, tasks, files, sets, loaded, cache)
+            _save(result_path, results)
+    _save(result_path, results)
+    runs = {m: cells[m] for m in spec.methods if m in cells}
+    write_report({"title": f"CL benchmark {spec.order} ({spec.profile.name} profile)",
+                  "meta": {"tasks": " -> ".join(tasks), "command": results["command"], "results": str(result_path),
+                           "machine": results["machine"]}, "runs": runs}, spec.out / stem)
+    return result_path
+
+
+def _save(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
