@@ -11,7 +11,8 @@ the same evaluation as ``cladapt train --eval-on-history``. Besides the CL metho
   upper bound).
 
 Resumable: a (order, method) cell whose result is in the JSON is skipped, and inside a cell every
-task already committed to that method's registry is reused. Results go to
+task already committed to that method's registry (under the work folder, ``bench/work`` from the
+CLI) is reused. Results go to
 ``<out>/cl_<order>_<profile>.json`` (with machine, versions and command) and a report to
 ``<out>/cl_<order>_<profile>/index.html``. Profiles: ``smoke`` (2 tasks, 16 rows, 2 steps: proves the
 pipeline), ``small`` (300 train / 100 test rows per task), ``full`` (every row: 1000 / 500).
@@ -110,6 +111,7 @@ class BenchSpec:
     base_model: str | None = None
     overrides: list[str] = field(default_factory=list)  # --set for every method
     fresh: bool = False
+    work: Path | None = None  # scratch root (sampled data, one registry per method); default <out>/.cl_work
 
 
 def _cfg(spec: BenchSpec, method: str) -> Any:
@@ -181,7 +183,7 @@ def run_cell(
 
 def work_dir(spec: BenchSpec) -> Path:
     """Scratch of one (order, profile): sampled data and one registry per method (kept for resuming)."""
-    return spec.out / ".cl_work" / f"{spec.order}_{spec.profile.name}"
+    return (spec.work or spec.out / ".cl_work") / f"cl_{spec.order}_{spec.profile.name}"
 
 
 def run_bench(spec: BenchSpec) -> Path:

@@ -302,10 +302,12 @@ def bench_group() -> None:
 @click.option("--mode", type=click.Choice(["generate", "constrained", "both"]), default=None,
               help="override the profile's scoring mode")
 @click.option("--max-new-tokens", type=int, default=None, help="override the profile's generation budget")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/work"), show_default=True,
+              help="scratch: sampled data and one registry per method, kept for resuming")
 @click.option("--fresh", is_flag=True, help="discard earlier results and registries of this order and profile")
 @config_options
 def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, base_model: str | None, mode: str | None,
-             max_new_tokens: int | None, fresh: bool, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+             max_new_tokens: int | None, work_dir: Path, fresh: bool, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Continual-learning benchmark: train every method over an order, score every task after each.
 
     \b
@@ -325,7 +327,7 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
     if max_new_tokens:
         prof = replace(prof, max_new_tokens=max_new_tokens)
     spec = BenchSpec(data_dir, order, prof, [m.strip() for m in methods.split(",") if m.strip()], out,
-                     base_model=base_model, overrides=list(overrides), fresh=fresh)
+                     base_model=base_model, overrides=list(overrides), fresh=fresh, work=work_dir)
     path = run_bench(spec)
     results = json.loads(path.read_text())
     table = Table("method", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "train s", "eval s",

@@ -79,7 +79,7 @@ def list_cmd(registry: Path | None, task: str | None, as_json: bool) -> None:
         return
     table = Table(title=f"registry {store.root}", show_lines=False)
     for col in ("task", "ver", "status", "method", "comp", "r", "alpha", "base model", "created", "metrics"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     colors = {"active": "green", "rejected": "red", "archived": "dim", "candidate": "yellow"}
     for r in records:
         table.add_row(

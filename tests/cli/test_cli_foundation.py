@@ -117,8 +117,8 @@ def test_bad_data_reports_every_row_and_writes_nothing(tmp_path: Path, tiny_base
 def test_bad_config_and_bad_task_name(tmp_path: Path, tiny_base_path: Path, two_tasks: dict[str, Path]) -> None:
     reg = tmp_path / "reg"
     result = run("train", "--registry", reg, "--task", "s", "--data", two_tasks["sentiment"],
-                 "--set", "lora.rank=4", ok=False)
-    assert result.exit_code == 1 and "lora.rank" in result.output and "did you mean 'r'" in result.output
+                 "--set", "lora.alpah=4", ok=False)
+    assert result.exit_code == 1 and "lora.alpah" in result.output and "did you mean 'alpha'" in result.output
     result = run("train", "--registry", reg, "--task", "../etc", "--data", two_tasks["sentiment"],
                  "--base-model", tiny_base_path, *sets(), ok=False)
     assert result.exit_code == 1 and "../etc" in result.output

@@ -106,7 +106,7 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     data = _fake_benchmark(tmp_path / "clb")
     out = tmp_path / "results"
     args = ["bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora,inc-lora,mtl",
-            "--out", out, "--base-model", tiny_base_path, "--set", "lora.r=2", "--set", "train.batch_size=4"]
+            "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path, "--set", "lora.r=2", "--set", "train.batch_size=4"]
     printed = run(*args).output
     assert "inc-lora" in printed
     res = json.loads((out / "cl_o1_smoke.json").read_text())
@@ -121,5 +121,5 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     before = (out / "cl_o1_smoke.json").read_text()
     run(*args)
     assert json.loads((out / "cl_o1_smoke.json").read_text())["cells"] == json.loads(before)["cells"]
-    bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, ok=False)
+    bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code == 1 and "missing" in bad.output
