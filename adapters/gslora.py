@@ -108,6 +108,13 @@ def kl_to_protos(protos: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
+def harmonic(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], acc: str) -> float:
+    """methods.md §11.4: ``H = 2 drop_f Acc_r / (drop_f + Acc_r)``, ``drop_f`` = forget accuracy lost."""
+    drop_f = before["forget"][acc] - after["forget"][acc]
+    acc_r = after["retain"][acc]
+    return 2 * drop_f * acc_r / (drop_f + acc_r) if drop_f + acc_r > 0 else 0.0
+
+
 class GSLoRA(CLMethod):
     name: ClassVar[str] = "gslora"
     summary: ClassVar[str] = "forgetting adapter: bounded forget loss + group lasso (+ prototypes); summed"
@@ -274,9 +281,7 @@ class GSLoRA(CLMethod):
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         norms, pruned = self.prune()
         after = {"forget": self.score(model, self._forget_loader), "retain": self.score(model, task.dataloader)}
-        drop_f = self.before["forget"]["seq_acc"] - after["forget"]["seq_acc"]
-        acc_r = after["retain"]["seq_acc"]
-        h = 2 * drop_f * acc_r / (drop_f + acc_r) if drop_f + acc_r > 0 else 0.0
+        h = harmonic(self.before, after, "seq_acc")
         summary = {
             "bnd": self.bnd,
             "alpha": self.config.alpha,
@@ -289,6 +294,7 @@ class GSLoRA(CLMethod):
             "before": self.before,
             "after": after,
             "H": h,
+            "H_token": harmonic(self.before, after, "token_acc"),
             "prototypes": self.config.prototypes,
         }
         side = Sidecars(json={"gslora": summary}, metrics={"gslora_H": h, "gslora_groups_kept": len(norms) - len(pruned)})
