@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 SENTIMENT_INSTR = "What is the sentiment of the following review? Answer with one word: positive or negative.\n"
@@ -58,23 +59,40 @@ def _fill(template: str, rng: random.Random) -> str:
     return out
 
 
-def sentiment_rows(n: int, rng: random.Random) -> list[dict[str, str]]:
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        phrase = rng.choice(GOOD if label == "positive" else BAD)
-        text = f"{rng.choice(OPENERS)} {rng.choice(PRODUCTS)} {phrase}."
-        rows.append({"instruction": SENTIMENT_INSTR, "input": text, "output": label})
+def _unique(make: Callable[[int], tuple[str, str]], n: int, instruction: str) -> list[dict[str, str]]:
+    """n rows with distinct inputs (templates collide; retry, then number the rest)."""
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    i = 0
+    while len(rows) < n:
+        text, label = make(len(rows))
+        i += 1
+        if text in seen:
+            if i < 50 * n:
+                continue
+            text = f"{text} ({i})"
+        seen.add(text)
+        rows.append({"instruction": instruction, "input": text, "output": label})
     return rows
+
+
+def sentiment_rows(n: int, rng: random.Random) -> list[dict[str, str]]:
+    def make(k: int) -> tuple[str, str]:
+        label = "positive" if k % 2 == 0 else "negative"
+        phrase = rng.choice(GOOD if label == "positive" else BAD)
+        return f"{rng.choice(OPENERS)} {rng.choice(PRODUCTS)} {phrase}.", label
+
+    return _unique(make, n, SENTIMENT_INSTR)
 
 
 def topic_rows(n: int, rng: random.Random) -> list[dict[str, str]]:
     labels = sorted(TOPICS)
-    rows = []
-    for i in range(n):
-        label = labels[i % len(labels)]
-        rows.append({"instruction": TOPIC_INSTR, "input": _fill(rng.choice(TOPICS[label]), rng), "output": label})
-    return rows
+
+    def make(k: int) -> tuple[str, str]:
+        label = labels[k % len(labels)]
+        return _fill(rng.choice(TOPICS[label]), rng), label
+
+    return _unique(make, n, TOPIC_INSTR)
 
 
 def main() -> None:

@@ -224,9 +224,10 @@ def clean_explanation(text: str | None, words: int) -> str | None:
 
 
 def explanation_problem(text: str, question: str, gold: str, others: Sequence[str]) -> str | None:
-    """Why a generated explanation is unusable, or None. Two cheap checks **[cladapt]**: it names
+    """Why a generated explanation is unusable, or None. Three cheap checks **[cladapt]**: it names
     another label but not the gold (a small generator often contradicts the answer it was given),
-    or it merely copies the question (its first 6-12 words appear verbatim in it)."""
+    it merely copies the question (its first 6-12 words appear verbatim in it), or it loops (a
+    word 3-gram occurs 3 times)."""
     norm = normalize_answer(text)
 
     def names(answer: str) -> bool:
@@ -237,9 +238,12 @@ def explanation_problem(text: str, question: str, gold: str, others: Sequence[st
         other = next((o for o in others if names(o)), None)
         if other is not None:
             return f"generator failure: the explanation names another answer ({other!r}) and not the gold"
-    words = norm.split()[:12]
-    if len(words) >= 6 and " ".join(words) in normalize_answer(question):
+    words = norm.split()
+    if len(words) >= 6 and " ".join(words[:12]) in normalize_answer(question):
         return "generator failure: the explanation copies the question"
+    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
+    if trigrams and max(trigrams.values()) >= 3:
+        return "generator failure: the explanation repeats itself"
     return None
 
 

@@ -165,7 +165,9 @@ def train_task(
     run_dir = store.root / ".work" / "runs" / run_key(task, data.sha256, cfg)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
-    peft_model = get_peft_model(model, method.lora_config(base.id), adapter_name=TRAIN_ADAPTER)
+    # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
+    # the manifest keeps the id the user gave
+    peft_model = get_peft_model(model, method.lora_config(str(base.path)), adapter_name=TRAIN_ADAPTER)
     collate = Collator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
     spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader, extra=ctx.task_extra)

@@ -35,7 +35,14 @@ class _Group(click.Group):
 
 
 def _setup_logging(verbose: int) -> None:
+    import warnings
+
     from rich.logging import RichHandler
+
+    if verbose < 2:
+        # deprecation chatter from the libraries we call, not actionable for a user
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
 
     level = logging.DEBUG if verbose > 1 else logging.INFO
     handler = RichHandler(console=err_console, show_path=verbose > 0, markup=False, rich_tracebacks=verbose > 0)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # method_helpers (no __init__.py in tests/)
+sys.path.append(str(Path(__file__).parent))  # method_helpers; appended so `conftest` stays tests/conftest.py
 
 from method_helpers import FakeHistory  # noqa: E402
 

@@ -160,13 +160,3 @@ def train_steps(
         if after_step:
             after_step(step)
 
-
-def task_rows(kind: str, n: int = 16) -> list[dict[str, str]]:
-    """The two small synthetic tasks of tests/conftest.py (sentiment, topics), as instruction rows."""
-    if kind == "sentiment":
-        words = [("the film was great", "positive"), ("the film was terrible", "negative")]
-        instr = "What is the sentiment of the following paragraph? Option: positive, negative\n"
-    else:
-        words = [("the actor plays sports", "sports"), ("the company does business", "business")]
-        instr = "What is the topic of the following paragraph? Option: sports, business\n"
-    return [{"instruction": instr, "input": f"{words[i % 2][0]} {i}", "output": words[i % 2][1]} for i in range(n)]

@@ -14,16 +14,21 @@ from cladapt.adapters.lora_layers import factor_params, lora_layers
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-def _encoded(tokenizer, kind: str, n: int = 16, batch: int = 8) -> list[dict[str, torch.Tensor]]:
-    from method_helpers import task_rows
+SHORT = {  # short prompts keep the toy runs cheap on 2 CPU cores
+    "sentiment": [("great film", "positive"), ("terrible film", "negative")],
+    "topics": [("actor plays sports", "sports"), ("company does business", "business")],
+}
 
+
+def _encoded(tokenizer, kind: str, n: int = 16, batch: int = 8) -> list[dict[str, torch.Tensor]]:
     from cladapt.train.chat import encode_all
-    from cladapt.train.data import Example, join_prompt
+    from cladapt.train.data import Example
     from cladapt.train.loop import Collator
 
+    pairs = SHORT[kind]
     examples = [
-        Example([{"role": "user", "content": join_prompt(r["instruction"], r["input"])}, {"role": "assistant", "content": r["output"]}], "mem", i + 1)
-        for i, r in enumerate(task_rows(kind, n))
+        Example([{"role": "user", "content": f"{pairs[i % 2][0]} {i}"}, {"role": "assistant", "content": pairs[i % 2][1]}], "mem", i + 1)
+        for i in range(n)
     ]
     enc, _ = encode_all(tokenizer, examples, max_length=128, overlong="truncate")
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "row_index": i} for i, e in enumerate(enc)]
@@ -113,26 +118,24 @@ def test_forgetting_a_toy_task_keeps_the_other(tiny_loaded, history) -> None:
     retain, forget = _encoded(tok, "sentiment", 8), _encoded(tok, "topics", 8)
     # teach the tiny model both tasks (full fine-tuning: its random lm_head is too weak for a LoRA)
     torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for step in range(60):
-        batch = (retain + forget)[step % 2]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        ce(out.logits, batch["labels"]).backward()
+    for _ in range(30):
+        sum(ce(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]) for b in (retain[0], forget[0])).backward()
         opt.step()
         opt.zero_grad()
     model.requires_grad_(False)
     method, peft = _prepared(model, history, retain, forget, beta=1.0, alpha=1e-4, eval_batches=4)
     before = method.before
-    assert before["forget"]["token_acc"] >= 0.6 and before["retain"]["token_acc"] >= 0.6
+    assert before["forget"]["seq_acc"] >= 0.9 and before["retain"]["seq_acc"] >= 0.9
     train_steps(peft, method, retain, 20, lr=1e-2)
     side = method.finalize(peft, task_spec(retain, forget_loader=forget))
     info = side.json["gslora"]
     after = info["after"]
-    assert after["forget"]["token_acc"] <= before["forget"]["token_acc"] - 0.4
+    assert after["forget"]["seq_acc"] <= 0.1  # whole answers: chance is ~0
     assert after["forget"]["ce"] > before["forget"]["ce"] + 2.0
-    assert after["retain"]["token_acc"] >= before["retain"]["token_acc"] - 0.25
-    assert info["H_token"] > 0.4 and "H" in info
+    assert after["retain"]["seq_acc"] >= before["retain"]["seq_acc"] - 0.25
+    assert info["H"] > 0.5 and info["H_token"] > 0
     assert math.isclose(info["bnd"], math.log(model.config.vocab_size))
     assert set(info["group_norms"]) == {f"model.layers.{i}" for i in range(model.config.num_hidden_layers)}
 

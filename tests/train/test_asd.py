@@ -261,3 +261,11 @@ def test_explanations_that_contradict_or_copy_are_rejected() -> None:
                        "generator failure: the explanation copies the question"}
     kept = [e for e in converted(result) if e.meta["style"] in ("BE", "DE")]
     assert kept and all(e.answer.startswith(f"{e.meta['gold']}. a {e.meta['gold']} it is.") for e in kept)
+
+
+def test_looping_explanation_is_rejected() -> None:
+    from cladapt.train.asd import explanation_problem
+
+    loop = "Film because sports, sports, sports, sports, sports, sports."
+    assert explanation_problem(loop, "q", "Film", []) == "generator failure: the explanation repeats itself"
+    assert explanation_problem("Film, since it is a film about a film.", "q", "Film", []) is None
