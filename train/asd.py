@@ -32,6 +32,9 @@ Choices where methods.md is silent **[cladapt]**:
   reported with file, line and reason. A generator that *raises* is a bug and propagates; one that
   returns nothing usable for a row is a per-row "generator failure".
 * Without a tokenizer (``count_tokens=None``) the 64-token gold limit counts whitespace words.
+* Explanations are flattened to one paragraph and cut at the last sentence end; one that names
+  another label but not the gold, copies the question, or loops is a generator failure (a 135M
+  base model often does all three), so BE/DE targets never contradict their own answer.
 * BE/DE grading accepts a reply that starts with the gold answer followed by a period, newline or
   the end, so golds that contain a period ("St. Louis") stay gradeable.
 """

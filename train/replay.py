@@ -383,10 +383,13 @@ class GeRe(TrainingPlugin):
 
     def extra_losses(self, model: Any, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         loss = self.settings.loss
-        view = self._replay_view(batch) if loss != "lf" else None
+        view = self._replay_view(batch)
         if view is None:
             return {}
         sel, idx, mask, width = view
+        if loss == "lf":  # label fitting only: the trainer's CE already covers the replay rows
+            self._observe()
+            return {}
         dev = mask.device
         if loss == "kl":
             with torch.no_grad(), _disabled_adapters(model):

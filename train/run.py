@@ -124,6 +124,7 @@ def train_task(
     after_train: Callable[[RunContext, Any], None] | None = None,
     loaded: tuple[Any, Any, BaseModelInfo] | None = None,
     forgetting: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> VersionRecord:
     """Train one task version and commit it to ``store``.
 
@@ -134,6 +135,7 @@ def train_task(
         loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
         forgetting: True only for ``train.forget.forget_task``: forgetting methods (``forgetting``
             capability) are trained there, every other method here.
+        callbacks: extra ``transformers.TrainerCallback`` objects (benchmarks' step timers, curves).
 
     Raises:
         DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
@@ -191,6 +193,7 @@ def train_task(
             data_collator=collate,
             plugins=plugins,
             train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
+            callbacks=list(callbacks or []),
         )
         has_ckpt = resume and any(run_dir.glob("checkpoint-*"))
         result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)

@@ -164,10 +164,10 @@ def test_method_contract(method: str) -> None:
     from cladapt.errors import ConfigError
 
     cls = METHODS.get(method)
-    assert cls.name == method and cls.summary and cls.__doc__ is None or cls.summary
+    assert cls.summary, "`cladapt methods` shows the summary"
+    assert cls.name in (method, ""), "the loss-term prefix must be the method's table name"
     assert cls.composition in ("route", "sum", "single")
-    module = __import__(cls.__module__, fromlist=["_"])
-    assert module.__doc__ and "[cladapt]" in module.__doc__ or method == "lora"
+    assert (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip(), "module docstring: paper, changes, persists"
     cfg, _ = load_config(method=method)  # the preset validates
     assert cfg.method.name == method
     with pytest.raises(ConfigError, match="method.lamda"):
@@ -182,7 +182,7 @@ def test_train_refuses_forgetting_methods_and_forget_refuses_others(tiny_base_pa
     forgetting = [m for m in METHODS.names() if METHODS.get(m).forgetting]
     other = next(m for m in METHODS.names() if not METHODS.get(m).forgetting)
     for m in forgetting:
-        with pytest.raises(CladaptError, match="cladapt forget"):
+        with pytest.raises(CladaptError, match="removes knowledge"):
             train_task(store, "x", [str(two_tasks["topics"])], _config(m, tiny_base_path), loaded=tiny_loaded)
     with pytest.raises(CladaptError, match="not a forgetting method"):
         forget_task(store, "x", [str(two_tasks["topics"])], [str(two_tasks["sentiment"])], _config(other, tiny_base_path), loaded=tiny_loaded)
@@ -221,7 +221,8 @@ def test_cli_forget_end_to_end(tiny_base_path: Path, tmp_path: Path, two_tasks) 
     ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    manifest = json.loads(res.output[res.output.index("{") :])
+    out = res.stdout
+    manifest = json.loads(out[out.index('{\n  "') :])  # the trainer may log dicts before the record
     assert manifest["method"] == "gslora" and manifest["method_config"]["prototypes"] is True
     store = Store.open(tmp_path / "reg")
     info = json.loads(store.sidecar_path("forget-topics@1", "gslora.json").read_text())

@@ -258,7 +258,9 @@ def test_plugin_l1_l2_kl(recorded) -> None:  # noqa: ANN001
     with torch.no_grad():
         peft_out = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert kl_plugin.extra_losses(peft, batch, peft_out)["kl"].item() < 1e-6
-    assert GeRe(rec, ReplaySettings(enabled=True, loss="lf")).extra_losses(peft, batch, peft_out) == {}
+    lf = GeRe(rec, ReplaySettings(enabled=True, loss="lf"))
+    assert lf.extra_losses(peft, batch, peft_out) == {} and lf.finalize(peft, None).json["gere"]["observed"] == {
+        "batches_with_replay": 1}
 
 
 # -------------------------------------------------------------------------------- mixing
