@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import group_norms
@@ -131,7 +132,7 @@ class GSLoRA(CLMethod):
         self.bnd = 0.0
         self._forget_loader: Any = None
         self._forget_iter: Iterator[dict[str, Any]] | None = None
-        self._retain_loader: Any = None
+        self._eval: dict[str, list[dict[str, Any]]] = {}  # fixed batches scored before and after
         self.before: dict[str, dict[str, float]] = {}
         self.protos: torch.Tensor | None = None
         self._classes: dict[str, list[int]] = {}  # "forget"/"retain" -> class index per row_index
@@ -139,19 +140,27 @@ class GSLoRA(CLMethod):
 
     # -- prepare ------------------------------------------------------------------------------
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         check_sum_capacity(model, history, self.summed_history(history), self.name)
         self._forget_loader = task.extra.get("forget_loader")
         if self._forget_loader is None:
-            raise CladaptError(f"{self.name} needs a forget set", hint="train it with `cladapt forget --forget F.jsonl`")
-        self._retain_loader = task.dataloader
+            raise CladaptError(
+                f"{self.name} needs a forget set", hint="train it with `cladapt forget --forget F.jsonl`"
+            )
         self._layers = lora_layers(model)
         self._groups = {}
         for path in self._layers:
             self._groups.setdefault(group_of(path, self.config.groups), []).append(path)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.bnd = self.config.bnd if self.config.bnd is not None else math.log(vocab)
-        self.before = {"forget": self.score(model, self._forget_loader), "retain": self.score(model, task.dataloader)}
+        # the same batches before and after (the forget loader reshuffles at every pass)
+        n = self.config.eval_batches
+        self._eval = {
+            "forget": list(itertools.islice(self._forget_loader, n)),
+            "retain": list(itertools.islice(task.dataloader, n)),
+        }
+        self.before = {k: self.score(model, v) for k, v in self._eval.items()}
         if self.config.prototypes:
             self._build_prototypes(model, task)
         logger.info("gslora: BND %.3f, %d groups; before: %s", self.bnd, len(self._groups), self.before)
@@ -167,7 +176,7 @@ class GSLoRA(CLMethod):
 
     @torch.no_grad()
     def score(self, model: PeftModel, loader: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Teacher-forced CE / token accuracy / answer accuracy over ``eval_batches`` batches."""
+        """Teacher-forced CE / token accuracy / answer accuracy over the first ``eval_batches`` batches."""
         was = model.training
         model.eval()
         dev = next(model.parameters()).device
@@ -176,6 +185,8 @@ class GSLoRA(CLMethod):
             for batch in itertools.islice(loader, self.config.eval_batches):
                 out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
                 s = answer_stats(out.logits, batch["labels"].to(dev))
+                if int(s["tokens"]) == 0:
+                    continue
                 tot["ce_sum"] += float(s["ce"]) * int(s["tokens"])
                 for k in ("tokens", "token_hits", "rows", "row_hits"):
                     tot[k] += int(s[k])
@@ -234,9 +245,12 @@ class GSLoRA(CLMethod):
     # -- training hooks --------------------------------------------------------------------------
 
     def group_lasso(self) -> torch.Tensor:
-        norms = group_norms({g: [t for p in ps for t in factor_params(self._layers[p])] for g, ps in self._groups.items()})
+        norms = group_norms(
+            {g: [t for p in ps for t in factor_params(self._layers[p])] for g, ps in self._groups.items()}
+        )
         return torch.stack(list(norms.values())).sum()
 
+    @override
     def extra_losses(self, model: PeftModel, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         fb = self._next_forget()
         dev = next(model.parameters()).device
@@ -255,8 +269,17 @@ class GSLoRA(CLMethod):
             feats_f = self._features(model, fb, out_f.hidden_states[-1])
             terms["proto_f"] = self.config.w_f * F.relu(self.config.bnd_pro - self._proto_kl("forget", fb, feats_f))
             if self.config.w_r and getattr(outputs, "hidden_states", None) is not None:
-                feats_r = self._features(model, batch, outputs.hidden_states[-1])
-                terms["proto_r"] = self.config.w_r * self._proto_kl("retain", batch, feats_r)
+                own = (
+                    batch["sample_kind"] == 0
+                    if "sample_kind" in batch
+                    else torch.ones_like(batch["row_index"], dtype=torch.bool)
+                )
+                if bool(own.any()):  # only the retain rows themselves have prototypes (not replay rows)
+                    rows = {k: batch[k][own] for k in ("labels", "row_index")}
+                    feats_r = self._features(
+                        model, rows, outputs.hidden_states[-1][own.to(outputs.hidden_states[-1].device)]
+                    )
+                    terms["proto_r"] = self.config.w_r * self._proto_kl("retain", rows, feats_r)
         return terms
 
     # -- finalize --------------------------------------------------------------------------------
@@ -278,9 +301,10 @@ class GSLoRA(CLMethod):
                     t.zero_()
         return norms, pruned
 
+    @override
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         norms, pruned = self.prune()
-        after = {"forget": self.score(model, self._forget_loader), "retain": self.score(model, task.dataloader)}
+        after = {k: self.score(model, v) for k, v in self._eval.items()}
         h = harmonic(self.before, after, "seq_acc")
         summary = {
             "bnd": self.bnd,
@@ -297,7 +321,9 @@ class GSLoRA(CLMethod):
             "H_token": harmonic(self.before, after, "token_acc"),
             "prototypes": self.config.prototypes,
         }
-        side = Sidecars(json={"gslora": summary}, metrics={"gslora_H": h, "gslora_groups_kept": len(norms) - len(pruned)})
+        side = Sidecars(
+            json={"gslora": summary}, metrics={"gslora_H": h, "gslora_groups_kept": len(norms) - len(pruned)}
+        )
         if self.protos is not None:
             side.tensors["gslora_protos"] = {"proto": self.protos.float().contiguous()}
             summary["classes"] = self.class_names

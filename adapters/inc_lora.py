@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, TaskSpec
 from cladapt.adapters.lora_layers import check_sum_capacity
@@ -38,5 +39,6 @@ class IncLoRA(CLMethod):
     composition: ClassVar[Composition] = "sum"
     supports_zero3: ClassVar[bool] = True
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         check_sum_capacity(model, history, self.summed_history(history), self.name)

@@ -16,7 +16,8 @@ Changes during training:
 
 Modules called on the same input tensor (``q_proj``/``v_proj`` of a layer) share one input key,
 one covariance and one basis. After training, the covariances are recomputed with the trained
-model and ``U <- update_basis(U, C, eps_t)`` with ``eps_t = min(0.99, 0.95 + 0.005 (t - 1))``.
+model and ``U <- update_basis(U, C, eps_t)`` with ``eps_t = min(0.99, 0.95 + 0.005 (t - 1))``,
+``t`` = this task's position in the summed sequence (earlier summed versions + 1).
 
 Persists (cumulative): ``bases.safetensors`` with ``<key>.U`` ``[d_in, k]`` fp32 (or ``<key>.M``, the
 complement, once ``k > d_in / 2``: DualGPM "retain" mode) and ``<key>.mode`` int8; ``bases.json``
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import (
@@ -132,6 +134,7 @@ class InfLoRA(CLMethod):
 
     # -- prepare ------------------------------------------------------------------------------
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         summed = self.summed_history(history)
         check_sum_capacity(model, history, summed, self.name)
@@ -177,6 +180,7 @@ class InfLoRA(CLMethod):
 
     # -- training hooks (fot) --------------------------------------------------------------------
 
+    @override
     def pre_step(self, model: PeftModel) -> None:
         if self.config.mode != "fot" or not self.config.project_grads:
             return
@@ -185,6 +189,7 @@ class InfLoRA(CLMethod):
             if a.grad is not None:
                 a.grad.copy_(project_rows(a.grad, self.u_prev[path]))
 
+    @override
     @torch.no_grad()
     def post_step(self, model: PeftModel) -> None:
         if self.config.mode != "fot":
@@ -213,6 +218,7 @@ class InfLoRA(CLMethod):
             info[key]["d_in"] = cov.shape[0]
         return bases, info
 
+    @override
     @torch.no_grad()
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         c = self.config

@@ -161,6 +161,7 @@ def overlap_penalty(a_prev: torch.Tensor, a: torch.Tensor, kind: Literal["abs", 
 
 def normalized_overlap(a_prev: torch.Tensor, a: torch.Tensor) -> float:
     """``||rownorm(A_prev) rownorm(A)^T||_F``: scale-free overlap for monitoring (methods.md §2)."""
+
     def rownorm(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().float()
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -185,7 +186,7 @@ def gathered_update(b: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, cols: 
 
 def group_norms(groups: dict[str, Sequence[torch.Tensor]], eps: float = 1e-12) -> dict[str, torch.Tensor]:
     """GS-LoRA: ``sqrt(sum_{P in g} ||P||_F^2 + eps)`` per group (``eps`` keeps the gradient finite at 0)."""
-    return {g: torch.sqrt(sum(p.float().pow(2).sum() for p in ps) + eps) for g, ps in groups.items()}
+    return {g: torch.sqrt(torch.stack([p.float().pow(2).sum() for p in ps]).sum() + eps) for g, ps in groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------

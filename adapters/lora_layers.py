@@ -77,7 +77,8 @@ def check_sum_capacity(model: nn.Module, history: History, entries: list[History
             problems.append(f"{path}: summed rank {total} > d_in {d_in}")
     if problems:
         raise CapacityError(
-            f"{what}: no room for another rank-{r} adapter: " + "; ".join(problems[:5])
+            f"{what}: no room for another rank-{r} adapter: "
+            + "; ".join(problems[:5])
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""),
             hint="lower lora.r, reject or remove old versions, or use a routed method (lora)",
         )

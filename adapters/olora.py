@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import normalized_overlap, overlap_penalty
@@ -60,6 +61,7 @@ class OLoRA(CLMethod):
         self._layers: dict[str, Any] = {}
         self._prev: dict[str, torch.Tensor] = {}  # module -> A_prev_concat [r_sum, d_in] fp32
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         summed = self.summed_history(history)
         check_sum_capacity(model, history, summed, self.name)
@@ -73,6 +75,7 @@ class OLoRA(CLMethod):
             a = self._prev[path] = a.to(device)
         return a
 
+    @override
     def extra_losses(self, model: PeftModel, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         orth: torch.Tensor | int = 0
         l2: torch.Tensor | int = 0
@@ -93,6 +96,7 @@ class OLoRA(CLMethod):
             if path in self._prev
         }
 
+    @override
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         overlaps = self.overlaps()
         summary = {

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import TRAIN_ADAPTER, CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import intra_orth_penalty, orth, project_cols, project_rows, union_basis
@@ -90,6 +91,7 @@ class OWLoRA(CLMethod):
                 out.setdefault(path, ([], []))[0 if which == "QA" else 1].append(t.float())
         return out
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         check_sum_capacity(model, history, self.summed_history(history), self.name)
         self._layers = lora_layers(model)
@@ -130,6 +132,7 @@ class OWLoRA(CLMethod):
 
     # -- training hooks --------------------------------------------------------------------------
 
+    @override
     def extra_losses(self, model: PeftModel, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         total: torch.Tensor | int = 0
         for layer in self._layers.values():
@@ -137,6 +140,7 @@ class OWLoRA(CLMethod):
             total = total + intra_orth_penalty(a, b)
         return {"intra": self.config.lambda_intra * total}  # type: ignore[dict-item]
 
+    @override
     def pre_step(self, model: PeftModel) -> None:
         if not self.config.project_grads:
             return
@@ -147,6 +151,7 @@ class OWLoRA(CLMethod):
             if b.grad is not None:
                 b.grad.copy_(project_cols(b.grad, self.p_b[path]))
 
+    @override
     @torch.no_grad()
     def post_step(self, model: PeftModel) -> None:
         for path, layer in self._layers.items():
@@ -159,6 +164,7 @@ class OWLoRA(CLMethod):
 
     # -- finalize --------------------------------------------------------------------------------
 
+    @override
     @torch.no_grad()
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         bases: dict[str, torch.Tensor] = {}
@@ -180,5 +186,9 @@ class OWLoRA(CLMethod):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        summary = {"lambda_intra": self.config.lambda_intra, "project_grads": self.config.project_grads, "modules": info}
+        summary = {
+            "lambda_intra": self.config.lambda_intra,
+            "project_grads": self.config.project_grads,
+            "modules": info,
+        }
         return Sidecars(tensors={SIDECAR: bases}, json={"owlora": summary})

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import gathered_update, packbits, topk_mask, unpackbits
@@ -99,6 +100,7 @@ class RegLoRA(CLMethod):
                 add(path, topk_mask((ab["B"] @ ab["A"]).abs(), self.config.percent)[0])
         return union
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         check_sum_capacity(model, history, self.summed_history(history), self.name)
         self._layers = lora_layers(model)
@@ -132,9 +134,11 @@ class RegLoRA(CLMethod):
             return torch.zeros((), device=factor_params(next(iter(self._layers.values())))[0].device)
         return torch.stack(terms).mean()
 
+    @override
     def extra_losses(self, model: PeftModel, batch: dict[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         return {"reg": self.config.lambda_reg * self.reg_loss()}
 
+    @override
     @torch.no_grad()
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         masks: dict[str, torch.Tensor] = {}

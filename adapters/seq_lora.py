@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import Field
+from typing_extensions import override
 
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, TaskSpec
 from cladapt.adapters.lora_layers import factor_params, lora_layers
@@ -43,6 +44,7 @@ class SeqLoRA(CLMethod):
     freezes_history: ClassVar[bool] = False
     supports_zero3: ClassVar[bool] = True
 
+    @override
     def prepare(self, model: PeftModel, task: TaskSpec, history: History) -> None:
         prev = history.latest(self.name)
         if prev is None:
@@ -81,6 +83,7 @@ class SeqLoRA(CLMethod):
                 hint="continue with the same lora settings, or start a new chain with another method",
             )
 
+    @override
     def parents(self, history: History) -> list[str]:
         prev = history.latest(self.name)
         return [prev.ref] if prev is not None else []

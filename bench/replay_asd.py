@@ -143,9 +143,13 @@ class Bench:
     @property
     def loaded(self) -> Any:
         if self._loaded is None:
+            import torch
+
             from cladapt.base_model import load
 
-            self._loaded = load(self.base_model)
+            # the Trainer moves the model to the accelerator anyway; load it there so that the
+            # base-stage scoring and recording run there too
+            self._loaded = load(self.base_model, device="cuda" if torch.cuda.is_available() else None)
         return self._loaded
 
     def load_results(self) -> None:

@@ -393,14 +393,20 @@ def base_model_generator(model: Any, tokenizer: Any, *, batch_size: int = 16) ->
 
     def run(requests: Sequence[ExplainRequest]) -> list[str | None]:
         out: list[str | None] = [None] * len(requests)
-        for budget in sorted({r.max_new_tokens for r in requests}):
-            idx = [k for k, r in enumerate(requests) if r.max_new_tokens == budget]
-            convs = [
-                [{"role": "user", "content": EXPLAIN_PROMPT.format(gold=r.gold, words=r.words, question=r.question)}]
-                for r in (requests[k] for k in idx)
-            ]
-            for k, text in zip(idx, generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size), strict=True):
-                out[k] = text
+        was_training = model.training
+        model.eval()  # a model handed back by a finished training run may still be in train mode
+        try:
+            for budget in sorted({r.max_new_tokens for r in requests}):
+                idx = [k for k, r in enumerate(requests) if r.max_new_tokens == budget]
+                convs = [
+                    [{"role": "user", "content": EXPLAIN_PROMPT.format(gold=r.gold, words=r.words, question=r.question)}]
+                    for r in (requests[k] for k in idx)
+                ]
+                texts = generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size)
+                for k, text in zip(idx, texts, strict=True):
+                    out[k] = text
+        finally:
+            model.train(was_training)
         return out
 
     return run

@@ -16,6 +16,7 @@ exact match, and have no format rate or constrained mode. Scores are percentages
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import re
@@ -188,6 +189,7 @@ def label_logprobs(
     from transformers import DynamicCache
 
     conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
+    cache_kw = _cache_kwarg(model)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[list[float]] = []
@@ -199,7 +201,7 @@ def label_logprobs(
             mask = enc["attention_mask"]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
-            first = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            first = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
             first_lp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)
             lengths, rows = mask.sum(-1), mask.shape[0]
             scores = torch.zeros(rows, len(labels))
@@ -212,8 +214,8 @@ def label_logprobs(
                         input_ids=tok,
                         attention_mask=torch.cat([mask, torch.ones_like(tok)], dim=1),
                         position_ids=lengths[:, None] + steps[None, :],
-                        past_key_values=cache,
                         use_cache=True,
+                        **{cache_kw: cache},
                     )
                     lp = torch.log_softmax(res.logits.float(), dim=-1)
                     target = torch.tensor(ids[1:], device=device).expand(rows, -1)
@@ -226,6 +228,12 @@ def label_logprobs(
     finally:
         tokenizer.padding_side = old_side
     return out
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use what the model takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]], label: str) -> list[int]:

@@ -17,6 +17,7 @@ manifest's ``data`` field describes the retain set).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +51,12 @@ def forget_extension(forget: list[Example], info: dict[str, Any]) -> RunExtensio
             for i, e in enumerate(encoded)
         ]
         gen = torch.Generator().manual_seed(t.seed)
-        loader = torch.utils.data.DataLoader(
-            rows, batch_size=t.batch_size, shuffle=True, generator=gen, collate_fn=Collator(ctx.tokenizer.pad_token_id)
+        loader: torch.utils.data.DataLoader[dict[str, Any]] = torch.utils.data.DataLoader(
+            rows,  # type: ignore[arg-type]  # a list is a map-style dataset
+            batch_size=t.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=Collator(ctx.tokenizer.pad_token_id),
         )
         ctx.task_extra.update(
             forget_loader=loader,
@@ -72,8 +77,12 @@ def forget_task(
     *,
     resume: bool = False,
     loaded: tuple[Any, Any, BaseModelInfo] | None = None,
+    after_train: Callable[[RunContext, Any], None] | None = None,
 ) -> VersionRecord:
     """Train a forgetting adapter that removes ``forget_files``' knowledge while keeping ``retain_files``'.
+
+    Args:
+        after_train: as for :func:`train_task` (evaluation hooks), called before staging.
 
     Raises:
         DataError: a bad row in either set (both are validated before any model is loaded).
@@ -84,5 +93,13 @@ def forget_task(
     info = {"files": [str(Path(f).resolve()) for f in forget.files], "sha256": forget.sha256}
     extensions = [*build_extensions(cfg, store), forget_extension(list(forget.examples), info)]
     return train_task(
-        store, task, retain_files, cfg, resume=resume, extensions=extensions, loaded=loaded, forgetting=True
+        store,
+        task,
+        retain_files,
+        cfg,
+        resume=resume,
+        extensions=extensions,
+        loaded=loaded,
+        after_train=after_train,
+        forgetting=True,
     )

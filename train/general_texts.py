@@ -27,6 +27,7 @@ from cladapt.errors import DataError, Issue
 logger = logging.getLogger(__name__)
 
 SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+DEFAULT_BATCH_SIZE = 16
 
 SEED_PROMPTS: tuple[str, ...] = (
     "Explain how photosynthesis works.",
@@ -158,7 +159,7 @@ def self_generate(
     *,
     seed: int = 0,
     max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[dict[str, str]]:
     """``n`` texts sampled from the base model (adapters must be off) for the seed prompts.
 

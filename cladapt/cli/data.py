@@ -230,7 +230,7 @@ def replay_init(
     else:
         assert self_generate is not None
         rows = general_texts.self_generate(model, tokenizer, self_generate, seed=seed, max_new_tokens=max_tokens)
-        settings = general_texts.generation_settings(self_generate, seed, max_tokens, 16)
+        settings = general_texts.generation_settings(self_generate, seed, max_tokens, general_texts.DEFAULT_BATCH_SIZE)
         source = {"kind": "self-generated", "generation": settings}
     rec = record(
         model, tokenizer, rows, base=info, n=n or self_generate or 256, max_tokens=max_tokens, k_sigma=k_sigma,

@@ -61,7 +61,11 @@ def methods_cmd(as_json: bool) -> None:
             flags.append("continues its adapter")
         if r["forgetting"]:
             flags.append("via `cladapt forget`")
-        console.print(f"[bold]{r['name']:<{width}}[/]  {r['summary']}  [dim]({', '.join(flags)})[/]", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]{r['name']:<{width}}[/]  {r['summary']}  [dim]({', '.join(flags)})[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
         for f in r["config"]:
             console.print(
                 f"  {'':<{width}}[cyan]method.{f['name']}[/] = {json.dumps(f['default'])}  [dim]{f['description']}[/]",
@@ -73,11 +77,19 @@ def methods_cmd(as_json: bool) -> None:
 @click.command("forget")
 @click.option("--task", required=True, help="name of the forgetting version (e.g. forget-sentiment)")
 @click.option(
-    "--forget", "forget", required=True, multiple=True, type=click.Path(path_type=Path),
+    "--forget",
+    "forget",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
     help="rows whose knowledge is removed (.jsonl/.json/.csv/...; repeatable)",
 )
 @click.option(
-    "--retain", "retain", required=True, multiple=True, type=click.Path(path_type=Path),
+    "--retain",
+    "retain",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
     help="rows whose knowledge must be kept (repeatable)",
 )
 @click.option("--prototypes", is_flag=True, help="GS-LoRA++: add the prototype losses (method.prototypes=true)")

@@ -37,7 +37,9 @@ class FakeHistory:
         version = 1 + sum(e.task == task for e in self.entries)
         ref = f"{task}@{version}"
         lora = {"r": r, "alpha": alpha, "dropout": 0.0, "target_modules": targets}
-        self.entries.append(HistoryEntry(ref, task, version, method, composition, lora, f"2025-01-0{len(self.entries) + 1}"))  # type: ignore[arg-type]
+        self.entries.append(
+            HistoryEntry(ref, task, version, method, composition, lora, f"2025-01-0{len(self.entries) + 1}")
+        )  # type: ignore[arg-type]
         self.states[ref] = {k: v.detach().clone().float() for k, v in state.items()}
         self.configs[ref] = {"r": r, "lora_alpha": alpha, "target_modules": targets}
         for name, t in (tensors or {}).items():
@@ -49,9 +51,15 @@ class FakeHistory:
     def add_finished(self, task: str, method: CLMethod, model: Any, sidecars: Any) -> str:
         """Record the adapter "default" of ``model`` and ``sidecars`` as a finished version."""
         return self.add(
-            task, method.name, method.composition, adapter_state(model),
-            r=method.lora.r, alpha=method.lora.alpha, targets=list(method.lora.target_modules),
-            tensors=sidecars.tensors, jsons=sidecars.json,
+            task,
+            method.name,
+            method.composition,
+            adapter_state(model),
+            r=method.lora.r,
+            alpha=method.lora.alpha,
+            targets=list(method.lora.target_modules),
+            tensors=sidecars.tensors,
+            jsons=sidecars.json,
         )
 
     def versions(self) -> list[HistoryEntry]:
@@ -86,7 +94,9 @@ def adapter_state(model: Any, adapter: str = TRAIN_ADAPTER) -> dict[str, torch.T
     return out
 
 
-def make_method(name: str, *, r: int = 4, lora_alpha: float = 8.0, targets: list[str] | None = None, **cfg: Any) -> CLMethod:
+def make_method(
+    name: str, *, r: int = 4, lora_alpha: float = 8.0, targets: list[str] | None = None, **cfg: Any
+) -> CLMethod:
     """A method with a small LoRA; ``cfg`` are method config fields."""
     from cladapt.adapters import METHODS
 
@@ -102,7 +112,9 @@ def peft_model(base: Any, method: CLMethod, seed: int = 0) -> Any:
     return get_peft_model(base, method.lora_config(base.config._name_or_path), adapter_name=TRAIN_ADAPTER)
 
 
-def random_batches(vocab: int, n: int = 4, *, batch: int = 4, seq: int = 12, seed: int = 0, pad: bool = True) -> list[dict[str, torch.Tensor]]:
+def random_batches(
+    vocab: int, n: int = 4, *, batch: int = 4, seq: int = 12, seed: int = 0, pad: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """Token batches with answer labels on the second half and (optionally) right padding."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -120,7 +132,9 @@ def random_batches(vocab: int, n: int = 4, *, batch: int = 4, seq: int = 12, see
 
 
 def task_spec(batches: list[dict[str, torch.Tensor]], seed: int = 0, **extra: Any) -> TaskSpec:
-    return TaskSpec(name="current", rows=sum(len(b["input_ids"]) for b in batches), seed=seed, dataloader=batches, extra=extra)
+    return TaskSpec(
+        name="current", rows=sum(len(b["input_ids"]) for b in batches), seed=seed, dataloader=batches, extra=extra
+    )
 
 
 def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -142,7 +156,9 @@ def train_steps(
 ) -> None:
     """The trainer's step order in miniature: loss + extra_losses, backward, pre_step, step, post_step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
+    )
     model.train()
     for step in range(steps):
         batch = batches[step % len(batches)]
@@ -159,4 +175,3 @@ def train_steps(
         opt.zero_grad(set_to_none=True)
         if after_step:
             after_step(step)
-

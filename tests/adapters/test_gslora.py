@@ -27,7 +27,11 @@ def _encoded(tokenizer, kind: str, n: int = 16, batch: int = 8) -> list[dict[str
 
     pairs = SHORT[kind]
     examples = [
-        Example([{"role": "user", "content": f"{pairs[i % 2][0]} {i}"}, {"role": "assistant", "content": pairs[i % 2][1]}], "mem", i + 1)
+        Example(
+            [{"role": "user", "content": f"{pairs[i % 2][0]} {i}"}, {"role": "assistant", "content": pairs[i % 2][1]}],
+            "mem",
+            i + 1,
+        )
         for i in range(n)
     ]
     enc, _ = encode_all(tokenizer, examples, max_length=128, overlong="truncate")
@@ -94,18 +98,21 @@ def test_large_alpha_prunes_groups_to_exact_zero(tiny_loaded, history) -> None:
     batches = _encoded(tok, "topics", 8)
     method, peft = _prepared(model, history, batches, batches, alpha=1.0, groups="module", tau_g=0.02)
     paths = list(lora_layers(peft))
-    _randomize(peft, {p: s for p, s in zip(paths, [0.1, 0.3, 0.6, 1.0, 2.0, 4.0])})
+    _randomize(peft, {p: s for p, s in zip(paths, [0.1, 0.3, 0.6, 1.0, 2.0, 4.0], strict=False)})
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.01)
     counts = []
     for _ in range(150):  # the group lasso alone: every group shrinks by lr * alpha per step
         with torch.no_grad():
-            n = {p: math.sqrt(sum(float(t.pow(2).sum()) for t in factor_params(layer))) for p, layer in lora_layers(peft).items()}
+            n = {
+                p: math.sqrt(sum(float(t.pow(2).sum()) for t in factor_params(layer)))
+                for p, layer in lora_layers(peft).items()
+            }
         counts.append(sum(v >= 0.02 * max(n.values()) for v in n.values()))
         method.group_lasso().backward()
         opt.step()
         opt.zero_grad()
     assert counts[0] == 6 and counts[-1] < 6
-    assert all(b <= a for a, b in zip(counts, counts[1:])), counts
+    assert all(b <= a for a, b in zip(counts, counts[1:], strict=False)), counts
     norms, pruned = method.prune()
     assert len(pruned) >= 6 - counts[-1]
     for path, layer in lora_layers(peft).items():
@@ -121,7 +128,10 @@ def test_forgetting_a_toy_task_keeps_the_other(tiny_loaded, history) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for _ in range(30):
-        sum(ce(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]) for b in (retain[0], forget[0])).backward()
+        sum(
+            ce(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            for b in (retain[0], forget[0])
+        ).backward()
         opt.step()
         opt.zero_grad()
     model.requires_grad_(False)

@@ -87,12 +87,21 @@ def test_capacity_error_when_the_bases_fill_the_space(tiny_model, history) -> No
     side_t = {f"{key}.M": torch.linalg.qr(torch.randn(d, 2))[0], f"{key}.mode": torch.tensor([1], dtype=torch.int8)}
     module_key = {f"model.layers.0.self_attn.{n}": key for n in ("q_proj", "v_proj")}
     history.add(
-        "old", "inflora", "sum", {}, r=4, alpha=8.0, targets=["q_proj", "v_proj"],
-        tensors={"bases": side_t}, jsons={"bases": {"module_key": module_key}},
+        "old",
+        "inflora",
+        "sum",
+        {},
+        r=4,
+        alpha=8.0,
+        targets=["q_proj", "v_proj"],
+        tensors={"bases": side_t},
+        jsons={"bases": {"module_key": module_key}},
     )
     method = make_method("inflora", r=4)
     with pytest.raises(CapacityError, match="k=62"):
-        method.prepare(peft_model(tiny_model, method), task_spec(random_batches(tiny_model.config.vocab_size, 1)), history)
+        method.prepare(
+            peft_model(tiny_model, method), task_spec(random_batches(tiny_model.config.vocab_size, 1)), history
+        )
 
 
 def test_padding_does_not_change_the_covariance(tiny_model) -> None:

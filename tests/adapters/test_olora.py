@@ -9,6 +9,7 @@ from method_helpers import make_method, peft_model, random_batches, task_spec, t
 
 from cladapt.adapters.lora_layers import factor_params, lora_layers
 
+
 def _history_with_one_task(history, tiny_model, r: int = 4) -> dict[str, torch.Tensor]:
     """An earlier inc-lora task with random A on every q_proj/v_proj."""
     g = torch.Generator().manual_seed(7)
@@ -56,7 +57,7 @@ def test_penalty_alone_drives_the_overlap_to_zero(tiny_model, history) -> None:
         opt.step()
         opt.zero_grad()
         seen.append(max(method.overlaps().values()))
-    assert all(b <= a + 1e-7 for a, b in zip(seen, seen[1:])), "overlap must decrease monotonically"
+    assert all(b <= a + 1e-7 for a, b in zip(seen, seen[1:], strict=False)), "overlap must decrease monotonically"
     assert seen[0] > 0.1 and seen[-1] < 1e-3
 
 

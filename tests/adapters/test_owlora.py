@@ -110,7 +110,10 @@ def test_capacity_error_before_training(tiny_model, history) -> None:
     path = "model.layers.0.self_attn.v_proj"
     layer = tiny_model.get_submodule(path)
     r = layer.out_features - 2  # B-side basis almost fills d_out
-    state = {f"{path}.lora_A.weight": torch.randn(r, layer.in_features), f"{path}.lora_B.weight": torch.randn(layer.out_features, r)}
+    state = {
+        f"{path}.lora_A.weight": torch.randn(r, layer.in_features),
+        f"{path}.lora_B.weight": torch.randn(layer.out_features, r),
+    }
     history.add("full", "inc-lora", "sum", state, r=r, alpha=1.0, targets=["v_proj"])
     method = make_method("owlora")
     with pytest.raises(CapacityError, match="k_B"):

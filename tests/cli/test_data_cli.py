@@ -82,3 +82,19 @@ def test_replay_init_show_force(tmp_path: Path, tiny_base_path: Path) -> None:
     assert "2 texts" in run("replay", "show", "--registry", reg, "--base-model", tiny_base_path).output
     usage = run("replay", "init", "--registry", reg, "--base-model", tiny_base_path, code=2)
     assert "exactly one of" in usage.output
+
+
+def test_train_with_asd_and_replay_flags(tmp_path: Path, tiny_base_path: Path, two_tasks: dict[str, Path]) -> None:
+    from conftest import tiny_overrides
+
+    reg = tmp_path / "reg"
+    texts = write_jsonl(tmp_path / "g.jsonl", [{"text": f"the film was great {i} and the plot"} for i in range(5)])
+    sets = [x for item in tiny_overrides(**{"replay.texts": str(texts), "replay.max_tokens": 6})
+            for x in ("--set", item)]
+    run("train", "--registry", reg, "--task", "sentiment", "--data", two_tasks["sentiment"], "--base-model",
+        tiny_base_path, "--asd", "--asd-generator", "none", "--replay", "general", "--replay-ratio", "0.25", *sets)
+    shown = json.loads(run("show", "--registry", reg, "sentiment@1", "--json").stdout)
+    paths = {f["path"] for f in shown["files"]}
+    assert {"sidecars/asd.json", "sidecars/gere.json"} <= paths
+    assert shown["config"]["replay"]["ratio"] == 0.25 and shown["config"]["asd"]["enabled"] is True
+    assert "5 texts" in run("replay", "show", "--registry", reg).output

