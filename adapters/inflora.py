@@ -168,6 +168,11 @@ class InfLoRA(CLMethod):
             d = cov.shape[0]
             u = union_basis([self.u_prev[m] for m in members], d)
             free = complement(u, d)  # [d, d - k]
+            if free.shape[1] < self.lora.r:  # members' bases differ (target set changed): their union is fuller
+                raise CapacityError(
+                    f"{self.name}: input key {key}: free dimension {free.shape[1]} < r={self.lora.r}",
+                    hint="lower lora.r or eps_max, or start a new sequence",
+                )
             lam, vec = torch.linalg.eigh(free.T @ cov @ free)
             top = free @ vec[:, torch.argsort(lam, descending=True)[: self.lora.r]]  # [d, r]
             a_t = top.T / math.sqrt(3.0)  # [code] InfLoRA scales the designed A by 1/sqrt(3)

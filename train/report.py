@@ -133,6 +133,29 @@ def forgetting_plot(run: dict[str, Any], path: Path, title: str) -> bool:
     return True
 
 
+def comparison(runs: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Grouped bars of AA, BWT, FWT and FM per run (several methods on one order)."""
+    keys = ("AA", "BWT", "FWT", "FM")
+    names = [n for n, r in runs.items() if r.get("metrics")]
+    if not names:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(keys), 3.4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        vals = [runs[name]["metrics"].get(m) or 0.0 for m in keys]
+        ax.bar([i + k * width for i in range(len(keys))], vals, width, label=name)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(keys))], keys)
+    ax.set_ylabel("points")
+    ax.set_title("methods compared")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _table(head: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{h}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
@@ -153,7 +176,7 @@ def _matrix_html(run: dict[str, Any]) -> str:
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f0f0f0}td:first-child{text-align:left}img{max-width:100%;margin:4px 8px 4px 0;border:1px solid #eee}
-.rej{color:#b00}.ok{color:#070}.meta{color:#555;font-size:90%}h2{border-bottom:1px solid #ddd}"""
+.figs{display:flex;flex-wrap:wrap;align-items:flex-start}.rej{color:#b00}.ok{color:#070}.meta{color:#555;font-size:90%}h2{border-bottom:1px solid #ddd}"""
 
 
 def write_report(data: dict[str, Any], out: Path) -> Path:
@@ -167,8 +190,11 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         parts.append("<p class='meta'>" + "<br>".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}"
                                                       for k, v in meta.items()) + "</p>")
     summary_rows = [[html.escape(name), *[_fmt((r.get("metrics") or {}).get(m), 2) for m in METRICS],
+                     _fmt((r.get("metrics_constrained") or {}).get("AA"), 2),
                      _fmt((r.get("ppl") or [None])[-1] if r.get("ppl") else None, 3)] for name, r in runs.items()]
-    parts.append("<h2>Summary</h2>" + _table(["run", *METRICS, "final ppl"], summary_rows))
+    parts.append("<h2>Summary</h2>" + _table(["run", *METRICS, "AA constrained", "final ppl"], summary_rows))
+    if len(runs) > 1 and comparison(runs, out / "summary.png"):
+        parts.append("<div class='figs'><img src='summary.png' alt='summary.png'></div>")
     parts.append("<p class='meta'>Scores in %. AA: mean over tasks after the last one; LA: right after learning each; "
                  "BWT &lt; 0 is forgetting; FWT: gain over the base model before training a task; FM: mean max drop; "
                  "MAA: mean of the running averages (methods.md §11.2).</p>")
@@ -189,7 +215,7 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
                          "superficial, constrained = essential):</p>")
             parts.append(_table(["view", *map(html.escape, run["tasks"][:-1])],
                                 [[k, *[_fmt(v) for v in vals]] for k, vals in split.items()]))
-        parts.append("".join(f"<img src='{i}' alt='{i}'>" for i in imgs))
+        parts.append("<div class='figs'>" + "".join(f"<img src='{i}' alt='{i}'>" for i in imgs) + "</div>")
     gate = data.get("gate") or []
     if gate:
         rows = [[html.escape(g["ref"]), html.escape(g.get("status", "")),

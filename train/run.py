@@ -74,6 +74,33 @@ def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
     return f"{task}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that was fully written.
+
+    A run killed while saving leaves a checkpoint folder without ``trainer_state.json`` (the
+    Trainer writes it last); such folders are removed so resuming never reads a torn checkpoint.
+    """
+    complete: list[tuple[int, Path]] = []
+    for ckpt in run_dir.glob("checkpoint-*"):
+        step = ckpt.name.rsplit("-", 1)[-1]
+        if not step.isdigit():
+            continue
+        if _readable_json(ckpt / "trainer_state.json"):
+            complete.append((int(step), ckpt))
+        else:
+            logger.warning("Removing incomplete checkpoint %s (the run was interrupted while saving it)", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
 def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
     from transformers import TrainingArguments
 
@@ -195,8 +222,10 @@ def train_task(
             train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
             callbacks=list(callbacks or []),
         )
-        has_ckpt = resume and any(run_dir.glob("checkpoint-*"))
-        result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+        checkpoint = latest_complete_checkpoint(run_dir) if resume else None
+        if resume:
+            logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         sidecars = Sidecars()
         for p in plugins:
             sidecars.merge(p.finalize(peft_model, spec))

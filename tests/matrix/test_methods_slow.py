@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import task_rows, write_jsonl
 
 from cladapt.adapters import METHODS
@@ -47,7 +46,7 @@ def test_two_tasks_on_the_default_model(method: str, real_model, tmp_path: Path)
     else:
         recs = [train_task(store, t, [data[t]], cfg, loaded=real_model) for t in ("sentiment", "topics")]
     assert all(r.status == "active" for r in recs)
-    assert all(not any(isinstance(m, torch.nn.ModuleDict) and "default" in m for m in real_model[0].modules()) for _ in [0])
+    assert not any("lora_" in n for n, _ in real_model[0].named_parameters())  # the base is left as given
     if METHODS.get(method).composition == "sum":
         ranks = write_merged(store, summed_versions(store, real_model[2]), tmp_path / "export", real_model[2].id)
         assert set(ranks.values()) == {2 * cfg.lora.r}

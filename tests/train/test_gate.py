@@ -70,19 +70,25 @@ def test_make_after_train_is_none_without_eval_or_policy(store, tiny_base_path: 
         G.make_after_train(store, _cfg(tiny_base_path), "t", None)
 
 
-def test_eval_on_history_rows_gate_rejection_and_rollback(store, tiny_loaded, tiny_base_path, two_tasks, evalsets) -> None:
-    cfg = _cfg(tiny_base_path, **{"eval.on_history": True})
+def test_eval_on_history_rows_gate_rejection_and_rollback(
+    store, tiny_loaded, tiny_base_path, two_tasks, evalsets, tmp_path
+) -> None:
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": "the film was great and the story was good"}] * 3)
+    cfg = _cfg(tiny_base_path, **{"eval.on_history": True, "eval.ppl_data": [str(general)]})
     hook = G.make_after_train(store, cfg, "sentiment", [str(evalsets["sentiment"])])
     first = train_task(store, "sentiment", [str(two_tasks["sentiment"])], cfg, after_train=hook, loaded=tiny_loaded)
     row = first.manifest.metrics["eval"]
     assert first.status == "active" and set(row["scores"]) == {"sentiment"}
+    assert row["ppl"]["samples"] == 3 and row["ppl"]["value"] > 1 and row["ppl"]["base"] > 1
+    assert first.manifest.metrics["ppl"] == row["ppl"]["value"]
     assert row["eval_data"]["sentiment"]["files"] == [str(evalsets["sentiment"].resolve())]
     assert row["baseline"]["sentiment"]["n"] == 8 and row["before"]["sentiment"]["adapters"] == []
     assert row["rule"]["id"] == "cladapt-eval-1" and row["composition"] == "route"
     assert first.manifest.metrics["score"] == row["scores"]["sentiment"]["score"]
 
     # a gate no model can pass: the new version is committed, but as rejected, with its reasons
-    G.save_policy(store, G.GatePolicy(min_score=100.0, max_drop=0.0))
+    G.save_policy(store, G.GatePolicy(min_score=100.0, max_drop=0.0, max_ppl_rise="900%", ppl_data=[str(general)]))
+    cfg = _cfg(tiny_base_path, **{"eval.on_history": True})  # the perplexity data comes from the policy
     hook = G.make_after_train(store, cfg, "topics", [str(evalsets["topics"])])
     second = train_task(store, "topics", [str(two_tasks["topics"])], cfg, after_train=hook, loaded=tiny_loaded)
     assert second.status == "rejected"
@@ -93,6 +99,8 @@ def test_eval_on_history_rows_gate_rejection_and_rollback(store, tiny_loaded, ti
     assert hist["reused_from"] == "sentiment@1" and hist["score"] == row["scores"]["sentiment"]["score"]
     drop = next(c for c in gate["checks"] if c["name"] == "max_drop:sentiment")
     assert drop["passed"] is True and drop["value"] == 0.0
+    ppl = next(c for c in gate["checks"] if c["name"] == "max_ppl_rise")
+    assert ppl["passed"] is True and second.manifest.metrics["eval"]["ppl"]["base"] == row["ppl"]["base"]  # cached
     commit = [e for e in store.audit_log() if e["action"] == "commit"][-1]
     assert commit["to"] == "rejected" and commit["reason"].startswith("gate: topics: score")
     # the baseline of sentiment was computed once and re-used
