@@ -45,7 +45,7 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 _SPACE = re.compile(r"\s+")
 
 
-def rule(max_new_tokens: int) -> dict[str, Any]:
+def rule(max_new_tokens: int | str) -> dict[str, Any]:
     """The scoring rule as recorded in the registry next to every ``R`` row."""
     return {
         "id": RULE_ID,

@@ -208,7 +208,7 @@ class HistoryEvaluator:
         tok = ctx.tokenizer
         rows = recorded_rows(self.store, base_fingerprint=fp)
         sets = self._sets(fp)
-        rule = E.rule(self.options.max_new_tokens or 0)
+        rule = E.rule(self.options.max_new_tokens or "auto: longest label + 4")
         mode = self.options.mode
         budgets = {t: self.options.max_new_tokens or E.auto_max_new_tokens(tok, es.labels) for t, es in sets.items()}
 

@@ -55,7 +55,7 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
     cladapt eval --compose sum --data agnews-test.jsonl --mode both
     cladapt eval --data agnews-test.jsonl --base-model smollm2-135m-instruct   # the base model alone
     """
-    from cladapt.adapters.loading import attach, attach_sum, summed_versions
+    from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import DEFAULT_BASE_MODEL, load
     from cladapt.train.evaluate import evaluate, load_eval_set, rule
     from cladapt.train.history_eval import LogProgress
@@ -73,14 +73,14 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
     plan: dict[str, Any] = {"composition": "base", "refs": []}
     with tempfile.TemporaryDirectory() as scratch:
         if rec is not None:
-            model, names = attach(model, store, info, [f"{rec.task}@{rec.version}"])  # type: ignore[arg-type]
+            model, _ = attach(model, store, info, [f"{rec.task}@{rec.version}"])  # type: ignore[arg-type]
             plan = {"composition": "adapter", "refs": [f"{rec.task}@{rec.version}"]}
         elif compose and store is not None:
             model, refs = attach_sum(model, store, info, Path(scratch) / "sum")
             plan = {"composition": "sum", "refs": refs}
         progress = LogProgress(es.task, len(es.examples) * (2 if mode == "both" else 1))
         res = evaluate(model, tok, es, mode=mode, max_new_tokens=budget, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
-    payload = {**res.to_json(), "plan": plan, "rule": rule(res.max_new_tokens or 0), "base_fingerprint": info.fingerprint}
+    payload = {**res.to_json(), "plan": plan, "rule": rule(budget or "auto: longest label + 4"), "base_fingerprint": info.fingerprint}
     target = plan["refs"][-1] if plan["refs"] else None
     if record and store is not None and target:
         from cladapt.registry.refs import validate_name
