@@ -19,6 +19,7 @@ class LoRAConfig(MethodConfig):
 
 
 class LoRA(CLMethod):
+    name: ClassVar[str] = "lora"
     summary: ClassVar[str] = "fresh independent LoRA per task; served by task id or a router"
     Config = LoRAConfig
     composition: ClassVar[Composition] = "route"

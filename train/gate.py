@@ -187,6 +187,10 @@ def make_after_train(
         options.ppl_files = list(policy.ppl_data or [])
     if not (options.history or eval_data or policy is not None):
         return None
+    if eval_data:
+        from cladapt.train.data import load_examples
+
+        load_examples(eval_data)  # a bad eval file must fail now, not after training
     if policy is not None and policy.min_score is not None and not eval_data and not eval_files(store, task):
         raise ConfigError(
             [Issue(f"task {task}", "the gate's min_score needs this task's held-out data, and none is recorded")],

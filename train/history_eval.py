@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -158,8 +159,11 @@ class HistoryEvaluator:
                 if task == self.task or self.store.active(task) is None:
                     continue
                 found = eval_files(self.store, task, base_fingerprint=base_fingerprint)
-                if found:
+                missing = [f for f in (found or {}).get("files", []) if not Path(f).exists()]
+                if found and not missing:
                     out[task] = list(found["files"])
+                elif missing:
+                    logger.warning("eval-on-history: task %s's recorded eval data %s is gone; skipped", task, missing)
                 else:
                     logger.warning("eval-on-history: task %s has no recorded eval data; skipped", task)
         own = self.eval_data or (eval_files(self.store, self.task, base_fingerprint=base_fingerprint) or {}).get("files")

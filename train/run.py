@@ -201,37 +201,42 @@ def train_task(
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
     spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader, extra=ctx.task_extra)
     plugins: list[TrainingPlugin] = [method, *ctx.plugins]
-    with folded(peft_model, frozen):
-        for p in plugins:
-            p.prepare(peft_model, spec, history)
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        logger.info(
-            "Training %s with %s: %d rows (+%d extra), %d trainable parameters, %d earlier adapters folded",
-            task, cfg.method.name, len(data.examples), len(ctx.rows_extra), trainable, len(frozen),
-        )
-        import datasets
+    try:
+        with folded(peft_model, frozen):
+            for p in plugins:
+                p.prepare(peft_model, spec, history)
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            logger.info(
+                "Training %s with %s: %d rows (+%d extra), %d trainable parameters, %d earlier adapters folded",
+                task, cfg.method.name, len(data.examples), len(ctx.rows_extra), trainable, len(frozen),
+            )
+            import datasets
 
-        train_ds = datasets.Dataset.from_list(rows)
-        steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum))
-        trainer = CLTrainer(
-            model=peft_model,
-            args=_training_args(cfg, run_dir, steps_per_epoch=steps_per_epoch),
-            train_dataset=train_ds,
-            data_collator=collate,
-            plugins=plugins,
-            train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
-            callbacks=list(callbacks or []),
-        )
-        checkpoint = latest_complete_checkpoint(run_dir) if resume else None
-        if resume:
-            logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        sidecars = Sidecars()
-        for p in plugins:
-            sidecars.merge(p.finalize(peft_model, spec))
-        sidecars.merge(ctx.sidecars)
-        if after_train is not None:
-            after_train(ctx, peft_model)
+            train_ds = datasets.Dataset.from_list(rows)
+            steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum))
+            trainer = CLTrainer(
+                model=peft_model,
+                args=_training_args(cfg, run_dir, steps_per_epoch=steps_per_epoch),
+                train_dataset=train_ds,
+                data_collator=collate,
+                plugins=plugins,
+                train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
+                callbacks=list(callbacks or []),
+            )
+            checkpoint = latest_complete_checkpoint(run_dir) if resume else None
+            if resume:
+                logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            sidecars = Sidecars()
+            for p in plugins:
+                sidecars.merge(p.finalize(peft_model, spec))
+            sidecars.merge(ctx.sidecars)
+            if after_train is not None:
+                after_train(ctx, peft_model)
+    except BaseException:
+        # leave a model passed in with `loaded=` as it was given (no LoRA layers left behind)
+        peft_model.unload()
+        raise
     record = _commit(store, ctx, method, history, peft_model, sidecars, data, stats, result, started)
     # the run finished: its checkpoints are no longer needed for --resume
     shutil.rmtree(run_dir, ignore_errors=True)
