@@ -219,12 +219,16 @@ def load_config(
     user = [_read_user_file(f, issues) for f in files]
     parsed = [(f"--set {o}", *parse_override(o)) for o in overrides]
 
+    # the method's preset is merged before user files, so its name is settled first:
+    # --method, then --set method.name, then the last user file that names one
     name = method
-    for src, keys, value in parsed:
+    for _src, keys, value in parsed:
         if keys == ["method", "name"]:
             name = name or str(value)
     for _, data in reversed(user):
-        name = name or (data.get("method") or {}).get("name") if isinstance(data.get("method"), dict) else name
+        section = data.get("method")
+        if name is None and isinstance(section, dict) and section.get("name"):
+            name = str(section["name"])
     name = name or "lora"
 
     merged: dict[str, Any] = {}

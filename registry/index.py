@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cladapt.errors import IntegrityError, RegistryError
 from cladapt.registry.fsio import is_tmp_name
 from cladapt.registry.manifest import (
     Manifest,
@@ -39,8 +40,6 @@ from cladapt.registry.manifest import (
     make_record,
     save_task_status,
 )
-
-from cladapt.errors import IntegrityError, RegistryError
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cladapt.registry.fsio import atomic_write_json, is_tmp_name, iter_files, sha256_bytes, sha256_file
-from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cladapt.errors import IntegrityError, NotFound, RegistryError
+from cladapt.registry.fsio import atomic_write_json, is_tmp_name, iter_files, sha256_bytes, sha256_file
+from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from cladapt.errors import IntegrityError, RegistryError
 from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir, fsync_tree, iter_files, sha256_file
 from cladapt.registry.manifest import (
     FORBIDDEN_SUFFIXES,
@@ -29,9 +32,6 @@ from cladapt.registry.manifest import (
     format_validation_error,
 )
 from cladapt.registry.refs import validate_filename, validate_relpath, validate_task_name
-from pydantic import ValidationError
-
-from cladapt.errors import IntegrityError, RegistryError
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 from cladapt.registry import audit
 from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
 from cladapt.registry.index import INDEX_FILE, Index, version_dirs
@@ -72,8 +73,6 @@ from cladapt.registry.staging import (
     read_shared_dir,
     stage_shared,
 )
-
-from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cladapt.errors import ConfigError, Issue
+from cladapt.errors import ConfigError, DataError, Issue
 
 if TYPE_CHECKING:
     from cladapt.config import RunConfig
@@ -191,6 +192,10 @@ def make_after_train(
         from cladapt.train.data import load_examples
 
         load_examples(eval_data)  # a bad eval file must fail now, not after training
+    gone = [f for f in options.ppl_files or [] if not Path(f).is_file()]
+    if gone:
+        raise DataError([Issue(f, "general-text file for perplexity not found") for f in gone],
+                        hint="fix eval.ppl_data, or `cladapt gate set --ppl-data FILE`")
     if policy is not None and policy.min_score is not None and not eval_data and not eval_files(store, task):
         raise ConfigError(
             [Issue(f"task {task}", "the gate's min_score needs this task's held-out data, and none is recorded")],

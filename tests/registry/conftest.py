@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cladapt.registry.manifest import VersionRecord
 from cladapt.registry.store import Store
 

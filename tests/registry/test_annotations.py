@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from cladapt.registry.store import Store
 
 from cladapt.errors import IntegrityError, NotFound, RegistryError
+from cladapt.registry.store import Store
 
 
 def test_evaluations_round_trip(store: Store, commit) -> None:

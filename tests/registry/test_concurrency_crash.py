@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cladapt.registry.store import Store
 
 pytestmark = pytest.mark.multiprocess

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cladapt.registry.store import Store
 
 from cladapt.errors import IntegrityError, NotFound
+from cladapt.registry.store import Store
 
 
 def flip_byte(path: Path, offset: int = 0) -> None:

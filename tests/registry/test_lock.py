@@ -6,10 +6,10 @@ import threading
 import time
 
 import pytest
-from cladapt.registry.lock import StoreLock
-from cladapt.registry.store import Store
 
 from cladapt.errors import RegistryError
+from cladapt.registry.lock import StoreLock
+from cladapt.registry.store import Store
 
 
 def test_staging_does_not_need_the_lock_but_commit_waits(store: Store, fields) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from cladapt.errors import RegistryError
 from cladapt.registry.refs import (
     AdapterRef,
     validate_filename,
@@ -10,8 +12,6 @@ from cladapt.registry.refs import (
     validate_shared_key,
     validate_task_name,
 )
-
-from cladapt.errors import RegistryError
 
 
 @pytest.mark.parametrize("name", ["amazon", "A", "yelp_2", "db-pedia", "x" * 64, "0task"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from cladapt.registry.store import Store
 
 from cladapt.errors import Conflict, NotFound, RegistryError
+from cladapt.registry.store import Store
 
 
 def test_set_status_is_audited_and_demotes_previous_active(store: Store, commit) -> None:

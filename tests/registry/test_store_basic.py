@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from cladapt.registry import AdapterRef, Manifest
-from cladapt.registry.store import Store
 
 from cladapt.errors import Conflict, IncompatibleBaseModel, NotFound, RegistryError
+from cladapt.registry import AdapterRef, Manifest
+from cladapt.registry.store import Store
 
 
 def test_init_layout(store: Store) -> None:

@@ -10,7 +10,7 @@ from conftest import task_rows, tiny_overrides, write_jsonl
 from pydantic import ValidationError
 
 from cladapt.config import load_config
-from cladapt.errors import ConfigError
+from cladapt.errors import ConfigError, DataError
 from cladapt.train import gate as G
 from cladapt.train.matrix import recorded_rows, square
 from cladapt.train.run import train_task
@@ -65,6 +65,10 @@ def evalsets(tmp_path: Path) -> dict[str, Path]:
 
 def test_make_after_train_is_none_without_eval_or_policy(store, tiny_base_path: Path) -> None:
     assert G.make_after_train(store, _cfg(tiny_base_path), "t", None) is None
+    with pytest.raises(DataError, match="file not found"):  # before any training happens
+        G.make_after_train(store, _cfg(tiny_base_path), "t", [str(tiny_base_path / "nope.jsonl")])
+    with pytest.raises(DataError, match="perplexity not found"):
+        G.make_after_train(store, _cfg(tiny_base_path, **{"eval.ppl_data": ["/nope.jsonl"]}), "t", None)
     G.save_policy(store, G.GatePolicy(min_score=10))
     with pytest.raises(ConfigError, match="min_score needs"):
         G.make_after_train(store, _cfg(tiny_base_path), "t", None)
