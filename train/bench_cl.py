@@ -222,7 +222,10 @@ def run_bench(spec: BenchSpec) -> Path:
                              limit=spec.profile.test_rows) for t in tasks}
     todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
     if todo:
-        loaded = load_base(_cfg(spec, todo[0]).base_model)
+        import torch
+
+        first = _cfg(spec, todo[0])
+        loaded = load_base(first.base_model, dtype=first.train.dtype, device="cuda" if torch.cuda.is_available() else None)
         for m in todo:
             logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
             cells[m] = run_cell(spec, m, tasks, files, sets, loaded, cache)

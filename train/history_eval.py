@@ -193,10 +193,14 @@ class HistoryEvaluator:
         return [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in method.summed_history(history)]
 
     def _previous_ref(self, ctx: RunContext) -> str | None:
-        """The adapter that served this task before this version (route / single compositions)."""
-        if self.composition == "route":
+        """The adapter that served this task before this version, on top of the (folded) base.
+
+        ``route``: the task's active version. ``sum``: the task's active sum version when the task is
+        re-trained (the folded base holds every *other* task's adapter). ``single``: the newest
+        version of the continued adapter."""
+        if self.composition in ("route", "sum"):
             rec = self.store.active(self.task)
-            return str(rec.ref) if rec else None
+            return str(rec.ref) if rec and (self.composition == "route" or rec.composition == "sum") else None
         if self.composition == "single":
             from cladapt.train.history import StoreHistory
 
@@ -267,10 +271,10 @@ class HistoryEvaluator:
 
     def _before(self, ctx: RunContext, peft_model: Any, es: E.EvalSet, budget: int, baseline: dict[str, Any]) -> dict[str, Any]:
         """R[t-1][t]: the model that served this task before this version."""
-        if self.composition == "sum":
-            with peft_model.disable_adapter():
-                return self._score(peft_model, ctx.tokenizer, es, budget, "before")
         ref = self._previous_ref(ctx)
+        if self.composition == "sum" and ref is None:
+            with peft_model.disable_adapter():  # the folded earlier adapters alone
+                return self._score(peft_model, ctx.tokenizer, es, budget, "before")
         if ref is None:
             return {**baseline, "adapters": []}  # nothing served it: the base model answered
         with with_adapter(peft_model, self.store, ref):

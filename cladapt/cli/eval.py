@@ -68,7 +68,10 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
     if store and compose and base_model is None:
         sums = [r for r in store.list() if r.status == "active" and r.composition == "sum"]
         base_model = sums[-1].manifest.base_model.get("id") if sums else None
-    model, tok, info = load(base_model or (rec.manifest.base_model.get("id") if rec else None) or DEFAULT_BASE_MODEL)
+    import torch
+
+    model, tok, info = load(base_model or (rec.manifest.base_model.get("id") if rec else None) or DEFAULT_BASE_MODEL,
+                            device="cuda" if torch.cuda.is_available() else None)
     es = load_eval_set(list(data), task=task, limit=limit)
     plan: dict[str, Any] = {"composition": "base", "refs": []}
     with tempfile.TemporaryDirectory() as scratch:

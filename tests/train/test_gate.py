@@ -68,7 +68,7 @@ def test_make_after_train_is_none_without_eval_or_policy(store, tiny_base_path: 
     with pytest.raises(DataError, match="file not found"):  # before any training happens
         G.make_after_train(store, _cfg(tiny_base_path), "t", [str(tiny_base_path / "nope.jsonl")])
     with pytest.raises(DataError, match="perplexity not found"):
-        G.make_after_train(store, _cfg(tiny_base_path, **{"eval.ppl_data": ["/nope.jsonl"]}), "t", None)
+        G.make_after_train(store, _cfg(tiny_base_path, **{"eval.ppl_data": ["/nope.jsonl"], "eval.on_history": True}), "t", None)
     G.save_policy(store, G.GatePolicy(min_score=10))
     with pytest.raises(ConfigError, match="min_score needs"):
         G.make_after_train(store, _cfg(tiny_base_path), "t", None)
