@@ -49,6 +49,8 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile("smoke", 16, 16, max_tasks=2, overrides={"train.max_steps": 2, "train.max_length": 256}),
+    # quick: all 8 methods of one order fit in about an hour on 2 CPU cores
+    "quick": Profile("quick", 160, 60, overrides={"train.max_length": 256}),
     "small": Profile("small", 300, 100, overrides={"train.max_length": 384}),
     "full": Profile("full", None, None, max_new_tokens=50),
 }

@@ -298,7 +298,8 @@ def bench_group() -> None:
 @click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="CL benchmark folder with manifest.json (e.g. ../shared/data/cl-benchmark)")
 @click.option("--order", default="order1", show_default=True, help="a task order named in the manifest")
-@click.option("--profile", type=click.Choice(["smoke", "small", "full"]), default="small", show_default=True)
+@click.option("--profile", type=click.Choice(["smoke", "quick", "small", "full"]), default="small", show_default=True,
+              help="smoke: 16 rows, 2 steps; quick: 160/60 rows; small: 300/100 rows; full: all rows")
 @click.option("--methods", default="lora,seq-lora,inc-lora,olora,mtl", show_default=True, help="comma-separated")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--base-model", default=None)

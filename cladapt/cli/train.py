@@ -104,8 +104,12 @@ def train_cmd(
         f"({record.method}, r={record.r}, {stats.get('steps')} steps, loss {stats.get('train_loss')}, "
         f"{stats.get('wall_seconds')} s)"
     )
-    if record.manifest.metrics:
-        console.print(f"metrics: {json.dumps(record.manifest.metrics, default=str)}", highlight=False)
+    scalars = {k: v for k, v in record.manifest.metrics.items() if isinstance(v, (int, float, str))}
+    if scalars:
+        console.print(f"metrics: {json.dumps(scalars, default=str)}", highlight=False)
+    if record.status == "rejected":
+        console.print(f"[red]rejected by the admission gate[/]: {record.manifest.metrics.get('gate', '')}")
+    console.print(f"details: cladapt show {record.task}@{record.version}; accuracy matrix: cladapt history")
 
 
 @click.group("config")
