@@ -101,7 +101,7 @@ def _render_check(report: dict[str, Any]) -> None:
 
 @click.group("asd")
 def asd_group() -> None:
-    """Answer-style diversification (methods.md §4.1)."""
+    """Answer-style diversification (docs/methods.md §4.1)."""
 
 
 @asd_group.command("preview")

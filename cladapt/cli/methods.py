@@ -114,7 +114,7 @@ def forget_cmd(
     resume: bool,
     as_json: bool,
 ) -> None:
-    """Train a forgetting adapter (GS-LoRA, methods.md §8) and commit it as a new version.
+    """Train a forgetting adapter (GS-LoRA, docs/methods.md §8) and commit it as a new version.
 
     \b
     cladapt forget --task forget-topics --forget topics.jsonl --retain sentiment.jsonl

@@ -46,7 +46,7 @@ def _flag_overrides(**flags: object) -> list[str]:
 @click.option("--base-model", default=None, help="Hugging Face id or folder [default: smollm2-135m-instruct]")
 @click.option("--seed", type=int, default=None, help="shortcut for --set train.seed=N")
 @click.option("--resume", is_flag=True, help="continue an interrupted run of the same task, data and config")
-@click.option("--asd", is_flag=True, help="answer-style diversification of the task data (methods.md §4.1)")
+@click.option("--asd", is_flag=True, help="answer-style diversification of the task data (docs/methods.md §4.1)")
 @click.option("--asd-generator", type=click.Choice(["base", "none"]), default=None, help="who writes explanations")
 @click.option("--replay", type=click.Choice(["general"]), default=None, help="GeRe general-sample replay")
 @click.option("--replay-loss", type=click.Choice(["tm", "lf", "kl", "l1", "l2"]), default=None)
