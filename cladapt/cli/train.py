@@ -108,7 +108,9 @@ def train_cmd(
     if scalars:
         console.print(f"metrics: {json.dumps(scalars, default=str)}", highlight=False)
     if record.status == "rejected":
-        console.print(f"[red]rejected by the admission gate[/]: {record.manifest.metrics.get('gate', '')}")
+        reasons = record.manifest.metrics.get("gate", {}).get("reasons", [])
+        console.print(f"[red]rejected by the admission gate[/]: {'; '.join(reasons)}", highlight=False)
+        console.print(f"override with: cladapt promote {record.task}@{record.version}")
     console.print(f"details: cladapt show {record.task}@{record.version}; accuracy matrix: cladapt history")
 
 
