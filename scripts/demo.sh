@@ -7,6 +7,9 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo-out}
 REG="$OUT/registry"
+# DEMO_BASE_MODEL: another base (a Hugging Face id or folder) instead of the default SmolLM2-135M-Instruct
+BASE_ARGS=()
+[ -n "${DEMO_BASE_MODEL:-}" ] && BASE_ARGS=(--base-model "$DEMO_BASE_MODEL")
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cladapt() { "$PY" -m cladapt "$@"; }
 start=$(date +%s)
@@ -16,10 +19,10 @@ rm -rf "$OUT"
 cladapt registry init "$REG"
 
 echo "== task 1: sentiment"
-cladapt train --registry "$REG" --task sentiment --config demo \
+cladapt train --registry "$REG" --task sentiment --config demo "${BASE_ARGS[@]}" \
     --data "$OUT/data/sentiment_train.jsonl" --eval-data "$OUT/data/sentiment_test.jsonl"
 echo "== task 2: topics (then re-score sentiment)"
-cladapt train --registry "$REG" --task topics --config demo \
+cladapt train --registry "$REG" --task topics --config demo "${BASE_ARGS[@]}" \
     --data "$OUT/data/topics_train.jsonl" --eval-data "$OUT/data/topics_test.jsonl" --eval-on-history
 
 echo "== each adapter on its own task"
