@@ -124,8 +124,10 @@ def run_method(args: argparse.Namespace, method: str, work: Path) -> dict[str, A
     timing_rows = tasks[0][1]
     loaded = load(args.base_model)
     store = Store.init(work / "reg")
+    # every method gets the baseline's LoRA shape (r=8 on q_proj/v_proj), so the ratio is the
+    # method's own cost, not that of a bigger adapter (reglora's preset targets all linear layers)
     base = [f"train.batch_size={args.batch}", f"train.max_length={args.max_length}", "train.logging_steps=1000",
-            "train.save_steps=100000"]
+            "train.save_steps=100000", "lora.r=8", "lora.target_modules=[q_proj,v_proj]"]
     timed: dict[int, dict[str, Any]] = {}
     for i, (task, path) in enumerate(tasks, start=1):
         is_timed = i in (2, args.tasks)
