@@ -69,14 +69,19 @@ def _fmt_metrics(metrics: dict[str, object]) -> str:
 @click.command("list")
 @registry_option
 @click.option("--task", default=None, help="only this task")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def list_cmd(registry: Path | None, task: str | None, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (always every version)")
+@click.option("--limit", type=int, default=200, show_default=True, help="table: the newest N versions (0: all)")
+def list_cmd(registry: Path | None, task: str | None, as_json: bool, limit: int) -> None:
     """Every version: task, version, status, method, rank, base model, created, metrics."""
     store = open_store(registry)
     records = store.list(task)
     if as_json:
         echo_json([_record_row(r) for r in records])
         return
+    total = len(records)
+    if limit and total > limit:
+        # rendering a rich table costs ~0.6 ms a row; huge registries are for --json and --task
+        records = sorted(records, key=lambda r: r.created)[-limit:]
     table = Table(title=f"registry {store.root}", show_lines=False)
     for col in ("task", "ver", "status", "method", "comp", "r", "alpha", "base model", "created", "metrics"):
         table.add_column(col, overflow="fold")
@@ -88,6 +93,8 @@ def list_cmd(registry: Path | None, task: str | None, as_json: bool) -> None:
             _fmt_metrics(r.manifest.metrics),
         )
     console.print(table)
+    if len(records) < total:
+        console.print(f"(showing the newest {len(records)} of {total} versions; --limit 0 for all, --task T, --json)")
     if not records:
         console.print("(empty: `cladapt train --task NAME --data FILE` adds the first version)")
 
