@@ -104,3 +104,23 @@ def tiny_overrides(**extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def cli_run(*args: object, ok: bool = True):
+    """Invoke the cladapt CLI in-process; with ``ok``, assert it succeeded (showing its output)."""
+    from click.testing import CliRunner
+
+    from cladapt.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def set_args(**extra: object) -> list[str]:
+    """``--set`` pairs of :func:`tiny_overrides` for CLI calls."""
+    out: list[str] = []
+    for item in tiny_overrides(**extra):
+        out += ["--set", item]
+    return out

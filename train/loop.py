@@ -33,11 +33,14 @@ REPLAY_KIND = 1
 
 
 def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled (answer) tokens, computed in fp32."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    """Mean next-token cross-entropy over labelled (answer) tokens, computed in fp32.
+
+    The labels are shifted (padded with -100 at the end) rather than the logits sliced: slicing
+    ``logits[:, :-1]`` would copy the whole ``[batch, seq, vocab]`` tensor every step.
+    """
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+        logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
 
 

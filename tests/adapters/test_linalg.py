@@ -113,3 +113,20 @@ def test_group_norms_match_hand_computation() -> None:
     norms = L.group_norms(g)
     assert math.isclose(float(norms["x"]), 5.0, rel_tol=1e-6)
     assert float(norms["y"]) == pytest.approx(1e-6, abs=1e-7)  # sqrt(1e-12): finite gradient at 0
+
+
+def test_masked_update_dense_and_gather_forms_agree() -> None:
+    torch.manual_seed(3)
+    b, a = torch.randn(24, 4, requires_grad=True), torch.randn(4, 20, requires_grad=True)
+    for share in (0.005, 0.3):  # below and above the coverage where the dense form takes over
+        mask = torch.zeros(24 * 20, dtype=torch.bool)
+        mask[torch.randperm(24 * 20)[: max(1, int(share * 24 * 20))]] = True
+        mask = mask.view(24, 20)
+        rows, cols = mask.nonzero(as_tuple=True)
+        got = L.masked_update_abs_mean(b, a, mask, rows, cols)
+        want = (b @ a)[mask].abs().mean()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        ga = torch.autograd.grad(got, (a, b))
+        gw = torch.autograd.grad(want, (a, b))
+        for x, y in zip(ga, gw, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -7,24 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import task_rows, tiny_overrides, write_jsonl
+from conftest import cli_run, set_args, task_rows, write_jsonl
 
-from cladapt.cli import cli
-
-
-def run(*args: object, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+run = cli_run
 
 
 def sets(**extra: object) -> list[str]:
-    out: list[str] = []
-    for item in tiny_overrides(**{"eval.max_new_tokens": 3, **extra}):
-        out += ["--set", item]
-    return out
+    return set_args(**{"eval.max_new_tokens": 3, **extra})
 
 
 @pytest.fixture
