@@ -76,3 +76,19 @@ def test_configs_never_execute_code(tmp_path: Path) -> None:
     f.write_text("train: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(files=[str(f)])
+
+
+def test_zero3_refused_for_methods_that_need_whole_matrices(tmp_path: Path) -> None:
+    import json
+
+    from cladapt.adapters import METHODS
+    from cladapt.errors import CladaptError
+    from cladapt.train.run import check_zero3
+
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg, _ = load_config(method="olora", overrides=[f"train.deepspeed={ds}"])
+    with pytest.raises(CladaptError, match="ZeRO-3"):
+        check_zero3(cfg, METHODS.get("olora"))
+    cfg, _ = load_config(method="lora", overrides=[f"train.deepspeed={ds}"])
+    check_zero3(cfg, METHODS.get("lora"))  # supports_zero3: accepted

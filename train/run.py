@@ -74,6 +74,23 @@ def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
     return f"{task}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def check_zero3(cfg: RunConfig, method_cls: type[CLMethod]) -> None:
+    """Refuse DeepSpeed ZeRO-3 for methods that need whole parameter matrices (projections, masks)."""
+    if not cfg.train.deepspeed:
+        return
+    path = Path(cfg.train.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CladaptError(f"cannot read the DeepSpeed config {path}: {exc}", hint="pass a JSON file") from exc
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and not method_cls.supports_zero3:
+        raise CladaptError(
+            f"method {cfg.method.name!r} needs whole LoRA matrices and cannot run sharded under ZeRO-3 ({path})",
+            hint="use ZeRO stage 2 (or no DeepSpeed) for this method",
+        )
+
+
 def _readable_json(path: Path) -> bool:
     try:
         json.loads(path.read_text())
@@ -178,6 +195,7 @@ def train_task(
     if forgetting and not method_cls.forgetting:
         raise CladaptError(f"method {cfg.method.name!r} is not a forgetting method", hint="use `cladapt train` for it")
     method: CLMethod = method_cls(cfg.method, cfg.lora)
+    check_zero3(cfg, method_cls)
     history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
     ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
     for extend in extensions or []:
