@@ -1,1 +1,1 @@
-"""cladapt subpackage."""
+"""Per-method YAML presets (package data): ``<method>.yaml`` holds the method's defaults."""

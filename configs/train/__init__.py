@@ -1,1 +1,1 @@
-"""cladapt subpackage."""
+"""Run presets (package data): ``default.yaml`` and named presets for ``--config NAME``."""
