@@ -184,9 +184,11 @@ def gathered_update(b: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, cols: 
     return (b.float().index_select(0, rows) * a.float().t().index_select(0, cols)).sum(dim=1)
 
 
-#: above this share of a module's entries, the dense masked form beats the gather on CPU
-#: (measured on a 576x576, r=8 module: gather ~0.36 us per masked entry, dense ~0.004 us per entry)
-GATHER_MAX_COVERAGE = 0.01
+#: above this share of a module's entries the dense masked form is used. Measured on the default
+#: model (q_proj/v_proj, r=8, 2 CPU cores; bench/train_overhead.py): at 2 % coverage (task 2) the
+#: gather costs 1.075x plain LoRA and the dense form 1.11x; at 14 % (task 8) the gather costs
+#: 1.15x and the dense form 1.06x. The crossover lies between; 6 % is about three tasks' masks.
+GATHER_MAX_COVERAGE = 0.06
 
 
 def masked_update_abs_mean(
