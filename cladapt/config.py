@@ -54,6 +54,11 @@ class TrainSettings(_Strict):
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps (for --resume)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="base-model dtype")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "no",
+        description="fp32 weights with bf16/fp16 autocast for training and the evaluation done during a run "
+        "(auto: bf16 on CUDA or on CPUs with AMX/AVX512-BF16, else no)",
+    )
     gradient_checkpointing: bool = False
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config, passed through unchanged")
 

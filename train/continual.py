@@ -40,8 +40,8 @@ class ContinualEval(TrainingPlugin):
     name: ClassVar[str] = "continual-eval"
 
     def __init__(self, task: str, sets: dict[str, E.EvalSet], every: int, *, tokenizer: Any,
-                 max_new_tokens: int | None = None, batch_size: int = 16) -> None:
-        self.task, self.sets, self.every = task, sets, every
+                 max_new_tokens: int | None = None, batch_size: int = 16, precision: str = "no") -> None:
+        self.task, self.sets, self.every, self.precision = task, sets, every, precision
         self.tokenizer, self.max_new_tokens, self.batch_size = tokenizer, max_new_tokens, batch_size
         self.step = 0
         self.points: list[dict[str, Any]] = []
@@ -49,7 +49,8 @@ class ContinualEval(TrainingPlugin):
     def _measure(self, model: Any, kind: str) -> None:
         scores = {}
         for t, es in self.sets.items():
-            res = E.evaluate(model, self.tokenizer, es, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+            res = E.evaluate(model, self.tokenizer, es, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                             precision=self.precision)
             scores[t] = round(res.score, 4)
         self.points.append({"step": self.step, "task": self.task, "kind": kind, "scores": scores})
         logger.info("continual eval at step %d: %s", self.step, scores)
@@ -107,6 +108,7 @@ def continual_extension(
             return
         sets = {t: E.load_eval_set(f, task=t, limit=cfg.eval.samples, seed=cfg.train.seed) for t, f in files.items()}
         ctx.plugins.append(ContinualEval(task, sets, cfg.eval.every, tokenizer=ctx.tokenizer,
-                                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size))
+                                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                         precision=cfg.train.mixed_precision))
 
     return extend

@@ -31,6 +31,8 @@ import torch
 
 from cladapt.errors import DataError, Issue
 from cladapt.generation import generate, render
+from cladapt.precision import autocast
+from cladapt.precision import resolve as resolve_precision
 from cladapt.train.data import Example, load_examples
 
 if TYPE_CHECKING:
@@ -161,6 +163,7 @@ class EvalResult:
     rouge_l: float | None = None
     constrained: float | None = None
     max_new_tokens: int | None = None
+    precision: str = "no"  # mixed precision the forward passes ran under (cladapt.precision)
     files: list[str] = field(default_factory=list)
     sha256: str = ""
     seconds: float = 0.0
@@ -253,12 +256,15 @@ def evaluate(
     max_new_tokens: int | None = 50,
     batch_size: int = 16,
     progress: Progress | None = None,
+    precision: str = "no",
 ) -> EvalResult:
     """Score ``model`` (already carrying whatever adapters the plan needs) on ``evalset``.
 
     Args:
         max_new_tokens: ``None`` picks :func:`auto_max_new_tokens` for the task's labels.
         progress: called with the number of rows finished after every batch (per pass).
+        precision: autocast for the forward passes (``no``, ``bf16``, ``fp16``, ``auto``); recorded with
+            the score, since bf16 and fp32 answers can differ on near-ties.
     """
     if not evalset.examples:
         raise DataError([Issue(",".join(evalset.files) or evalset.task, "no rows to evaluate")])
@@ -270,27 +276,29 @@ def evaluate(
     labels = evalset.labels
     n = len(golds)
     budget = max_new_tokens or auto_max_new_tokens(tokenizer, labels)
+    resolved = resolve_precision(precision, model.device)
     res = EvalResult(evalset.task, n, evalset.kind, mode, 0.0, "exact_match", max_new_tokens=budget,
-                     files=list(evalset.files), sha256=evalset.sha256)
+                     precision=resolved, files=list(evalset.files), sha256=evalset.sha256)
     try:
-        if mode in ("generate", "both") or not labels:
-            preds = generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size, progress=progress)
-            hits = [exact_match(p, g) for p, g in zip(preds, golds, strict=True)]
-            res.exact_match = 100.0 * sum(hits) / n
-            res.errors = [{"gold": g, "pred": p} for p, g, h in zip(preds, golds, hits, strict=True) if not h][:5]
-            if labels:
-                names = {normalize(label) for label in labels}
-                res.format_rate = 100.0 * sum(normalize(p) in names for p in preds) / n
-                res.score = res.exact_match
-            else:
-                res.rouge_l = rouge_l(preds, golds)
-                res.score, res.metric = res.rouge_l, "rougeL"
-        if labels and mode in ("constrained", "both"):
-            lps = label_logprobs(model, tokenizer, convs, labels, batch_size=batch_size, progress=progress)
-            chosen = [labels[max(range(len(labels)), key=row.__getitem__)] for row in lps]
-            res.constrained = 100.0 * sum(exact_match(c, g) for c, g in zip(chosen, golds, strict=True)) / n
-            if mode == "constrained":
-                res.score, res.metric = res.constrained, "constrained"
+        with autocast(resolved, model.device):
+            if mode in ("generate", "both") or not labels:
+                preds = generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size, progress=progress)
+                hits = [exact_match(p, g) for p, g in zip(preds, golds, strict=True)]
+                res.exact_match = 100.0 * sum(hits) / n
+                res.errors = [{"gold": g, "pred": p} for p, g, h in zip(preds, golds, hits, strict=True) if not h][:5]
+                if labels:
+                    names = {normalize(label) for label in labels}
+                    res.format_rate = 100.0 * sum(normalize(p) in names for p in preds) / n
+                    res.score = res.exact_match
+                else:
+                    res.rouge_l = rouge_l(preds, golds)
+                    res.score, res.metric = res.rouge_l, "rougeL"
+            if labels and mode in ("constrained", "both"):
+                lps = label_logprobs(model, tokenizer, convs, labels, batch_size=batch_size, progress=progress)
+                chosen = [labels[max(range(len(labels)), key=row.__getitem__)] for row in lps]
+                res.constrained = 100.0 * sum(exact_match(c, g) for c, g in zip(chosen, golds, strict=True)) / n
+                if mode == "constrained":
+                    res.score, res.metric = res.constrained, "constrained"
     finally:
         model.train(was_training)
     res.seconds = round(time.time() - started, 2)
@@ -331,7 +339,8 @@ def load_texts(path: str | Path, *, limit: int = 32) -> list[str]:
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8,
+    precision: str = "no",
 ) -> float:
     """Token-level perplexity of plain texts (no chat template), each cut to its first ``max_length`` tokens."""
     was_training = model.training
@@ -345,7 +354,8 @@ def perplexity(
                 list(texts[start : start + batch_size]), return_tensors="pt", padding=True, truncation=True,
                 max_length=max_length, add_special_tokens=False,
             ).to(model.device)
-            logits = model(**enc).logits[:, :-1].float()
+            with autocast(precision, model.device):
+                logits = model(**enc).logits[:, :-1].float()
             target = enc["input_ids"][:, 1:]
             keep = enc["attention_mask"][:, 1:].bool()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")

@@ -53,6 +53,7 @@ class EvalOptions:
     ppl_samples: int = 32
     ppl_length: int = 256
     before: bool = True  # also score the model before this version on the new task (R[t-1][t], for FWT)
+    precision: str = "no"  # autocast for every forward pass (cladapt.precision); follows train.mixed_precision
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> EvalOptions:
@@ -60,7 +61,7 @@ class EvalOptions:
         return cls(
             history=e.on_history, mode=e.mode, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
             limit=e.limit, ppl_files=list(e.ppl_data) if e.ppl_data else None, ppl_samples=e.ppl_samples,
-            ppl_length=e.ppl_length,
+            ppl_length=e.ppl_length, precision=cfg.train.mixed_precision,
         )
 
 
@@ -182,7 +183,7 @@ class HistoryEvaluator:
     def _score(self, model: Any, tokenizer: Any, es: E.EvalSet, budget: int, label: str) -> dict[str, Any]:
         progress = LogProgress(f"{es.task} ({label})", len(es.examples) * (2 if self.options.mode == "both" else 1))
         res = E.evaluate(model, tokenizer, es, mode=self.options.mode, max_new_tokens=budget,  # type: ignore[arg-type]
-                         batch_size=self.options.batch_size, progress=progress)
+                         batch_size=self.options.batch_size, progress=progress, precision=self.options.precision)
         return res.to_json()
 
     def _folded(self, ctx: RunContext) -> list[dict[str, Any]]:
@@ -219,10 +220,12 @@ class HistoryEvaluator:
         rule = E.rule(self.options.max_new_tokens or "auto: longest label + 4")
         mode = self.options.mode
         budgets = {t: self.options.max_new_tokens or E.auto_max_new_tokens(tok, es.labels) for t, es in sets.items()}
+        precision = E.resolve_precision(self.options.precision, peft_model.device)
 
         def key(t: str) -> tuple[Any, ...]:
             es = sets[t]
-            return score_key({"sha256": es.sha256, "max_new_tokens": budgets[t], "n": len(es.examples)}, rule, mode)
+            entry = {"sha256": es.sha256, "max_new_tokens": budgets[t], "n": len(es.examples), "precision": precision}
+            return score_key(entry, rule, mode)
 
         logger.info("Evaluating %s on %d task(s) (%s, mode %s)", self.task, len(sets), self.composition, mode)
         folded = self._folded(ctx) if self.composition == "sum" else []
@@ -286,7 +289,8 @@ class HistoryEvaluator:
             return None
         texts = [t for f in o.ppl_files for t in E.load_texts(f, limit=o.ppl_samples)][: o.ppl_samples]
         digest = E.files_sha256(o.ppl_files)
-        info = {"files": list(o.ppl_files), "sha256": digest, "samples": len(texts), "max_length": o.ppl_length}
+        info = {"files": list(o.ppl_files), "sha256": digest, "samples": len(texts), "max_length": o.ppl_length,
+                "precision": E.resolve_precision(o.precision, peft_model.device)}
         base = next(
             (
                 r.payload["ppl"]["base"]
@@ -297,7 +301,8 @@ class HistoryEvaluator:
         )
         if base is None:
             with raw_base(peft_model, folded):
-                base = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size)
-        value = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size)
+                base = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size,
+                                    precision=o.precision)
+        value = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size, precision=o.precision)
         logger.info("  general perplexity %.3f (base model %.3f)", value, base)
         return {**info, "value": round(value, 4), "base": round(float(base), 4)}

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 def score_key(entry: dict[str, Any], row_rule: dict[str, Any] | None, mode: str | None) -> tuple[Any, ...]:
     """What must agree for two scores to be comparable."""
     rule = row_rule or {}
-    return (entry.get("sha256"), rule.get("id"), mode, entry.get("max_new_tokens"), entry.get("n"))
+    return (entry.get("sha256"), rule.get("id"), mode, entry.get("max_new_tokens"), entry.get("n"),
+            entry.get("precision", "no"))
 
 
 @dataclass

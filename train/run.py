@@ -27,6 +27,7 @@ from cladapt.adapters.compose import factors, folded
 from cladapt.base_model import BaseModelInfo, check_compatible
 from cladapt.base_model import load as load_base
 from cladapt.errors import CladaptError
+from cladapt.precision import resolve as resolve_precision
 from cladapt.registry.refs import validate_task_name
 from cladapt.train.chat import encode_all
 from cladapt.train.data import Example, LoadedData, load_examples
@@ -122,6 +123,7 @@ def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
     from transformers import TrainingArguments
 
     t = cfg.train
+    precision = resolve_precision(t.mixed_precision)
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=t.batch_size,
@@ -143,7 +145,8 @@ def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         activation_checkpointing=t.gradient_checkpointing,
-        bf16=t.dtype == "bfloat16" and torch.cuda.is_available(),
+        bf16=precision == "bf16" or (t.dtype == "bfloat16" and torch.cuda.is_available()),
+        fp16=precision == "fp16",
         deepspeed=t.deepspeed,
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),

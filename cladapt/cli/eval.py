@@ -41,12 +41,15 @@ def _n(v: Any, digits: int = 1) -> str:
 @click.option("--max-new-tokens", default="50", show_default=True, help="generation budget, or 'auto' (longest label + 4)")
 @click.option("--limit", type=int, default=None, help="score a seeded sample of this many rows")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16", "auto"]), default="no", show_default=True,
+              help="autocast the forward passes (auto: bf16 where the hardware has it); recorded with the score")
 @click.option("--base-model", default=None, help="[default: the one the adapter was trained on]")
 @click.option("--record/--no-record", default=True, show_default=True,
               help="attach the result to the evaluated version (evals/eval-<task>.json)")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, data: tuple[Path, ...], task: str | None,
-             mode: str, max_new_tokens: str, limit: int | None, batch_size: int, base_model: str | None, record: bool,
+             mode: str, max_new_tokens: str, limit: int | None, batch_size: int, mixed_precision: str,
+             base_model: str | None, record: bool,
              as_json: bool) -> None:
     """Score the base model, one adapter, or the composed sum on held-out data.
 
@@ -82,7 +85,8 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
             model, refs = attach_sum(model, store, info, Path(scratch) / "sum")
             plan = {"composition": "sum", "refs": refs}
         progress = LogProgress(es.task, len(es.examples) * (2 if mode == "both" else 1))
-        res = evaluate(model, tok, es, mode=mode, max_new_tokens=budget, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+        res = evaluate(model, tok, es, mode=mode, max_new_tokens=budget, batch_size=batch_size,  # type: ignore[arg-type]
+                       progress=progress, precision=mixed_precision)
     payload = {**res.to_json(), "plan": plan, "rule": rule(budget or "auto: longest label + 4"), "base_fingerprint": info.fingerprint}
     target = plan["refs"][-1] if plan["refs"] else None
     if record and store is not None and target:
@@ -94,7 +98,7 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
         return
     console.print(f"[bold]{es.task}[/] ({es.kind}, {res.n} rows, plan {plan['composition']} {plan['refs'] or ''})")
     table = Table("metric", "value")
-    for key in ("score", "exact_match", "format_rate", "constrained", "rouge_l", "max_new_tokens", "seconds"):
+    for key in ("score", "exact_match", "format_rate", "constrained", "rouge_l", "max_new_tokens", "precision", "seconds"):
         if payload.get(key) is not None:
             table.add_row(key, _n(payload[key], 2))
     console.print(table)
