@@ -182,55 +182,111 @@ def label_logprobs(
     *,
     batch_size: int = 16,
     progress: Progress | None = None,
+    packed: bool | None = None,
 ) -> list[list[float]]:
     """``[row][label]`` summed log-probability of each label's answer segment given the row's prompt.
 
-    One forward pass over the (left-padded) prompts fills the KV cache; each label's few tokens are
-    then scored for the whole batch at once and the cache is cropped back, so a batch costs one
-    prompt pass plus ``len(labels)`` short passes instead of ``len(labels)`` prompt passes.
-    """
-    from transformers import DynamicCache
+    Two exact strategies (same numbers up to float rounding):
 
+    * **packed** (default where the attention takes a custom 4D mask: ``sdpa`` and ``eager``): one
+      forward pass per batch over the prompt followed by every label's tokens, with a tree-shaped
+      mask (each label sees the prompt and its own earlier tokens only). A batch costs about one
+      prompt pass, whatever the number of labels.
+    * **cached**: one prompt pass fills the KV cache, then each label's few tokens are scored for the
+      whole batch and the cache is cropped back (``1 + len(labels)`` passes per batch); used for
+      attention kernels that take no custom mask (flash attention).
+    """
     conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
-    cache_kw = _cache_kwarg(model)
+    if packed is None:
+        packed = _attn_implementation(model) in ("sdpa", "eager")
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[list[float]] = []
-    device = model.device
     try:
         for start in range(0, len(conversations), batch_size):
             chunk = [render(tokenizer, c) for c in conversations[start : start + batch_size]]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            mask = enc["attention_mask"]
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            first = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
-            first_lp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)
-            lengths, rows = mask.sum(-1), mask.shape[0]
-            scores = torch.zeros(rows, len(labels))
-            for j, ids in enumerate(conts):
-                total = first_lp[:, ids[0]].clone()
-                if len(ids) > 1:
-                    tok = torch.tensor(ids[:-1], device=device).expand(rows, -1)
-                    steps = torch.arange(len(ids) - 1, device=device)
-                    res = model(
-                        input_ids=tok,
-                        attention_mask=torch.cat([mask, torch.ones_like(tok)], dim=1),
-                        position_ids=lengths[:, None] + steps[None, :],
-                        use_cache=True,
-                        **{cache_kw: cache},
-                    )
-                    lp = torch.log_softmax(res.logits.float(), dim=-1)
-                    target = torch.tensor(ids[1:], device=device).expand(rows, -1)
-                    total += lp.gather(-1, target[..., None]).squeeze(-1).sum(-1)
-                    cache.crop(-(len(ids) - 1))  # drop the label tokens again: back to the prompt
-                scores[:, j] = total.cpu()
-            out += scores.tolist()
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            scorer = _packed_scores if packed else _cached_scores
+            out += scorer(model, enc["input_ids"], enc["attention_mask"], conts).tolist()
             if progress:
                 progress(len(chunk))
     finally:
         tokenizer.padding_side = old_side
     return out
+
+
+def _attn_implementation(model: Any) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def _packed_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
+    """Score every label of a left-padded batch in one forward pass with a tree attention mask."""
+    device, (rows, width) = ids.device, ids.shape
+    fed = [c[:-1] for c in conts]  # a label's last token is only predicted, never fed
+    seg = torch.tensor([j for j, f in enumerate(fed) for _ in f], dtype=torch.long, device=device)
+    off = torch.tensor([k for f in fed for k in range(len(f))], dtype=torch.long, device=device)
+    extra = len(seg)
+    tokens = torch.tensor([t for f in fed for t in f], dtype=ids.dtype, device=device)
+    input_ids = torch.cat([ids, tokens.expand(rows, extra)], dim=1)
+    lengths = mask.sum(-1)
+    positions = torch.cat([(mask.cumsum(-1) - 1).clamp(min=0), lengths[:, None] + off[None, :]], dim=1)
+    keys = mask.bool()
+    total = width + extra
+    allowed = torch.zeros(rows, total, total, dtype=torch.bool, device=device)
+    allowed[:, :width, :width] = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & keys[:, None, :]
+    allowed[:, width:, :width] = keys[:, None, :]
+    allowed[:, width:, width:] = ((seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None]))[None]
+    diag = torch.arange(total, device=device)
+    allowed[:, diag, diag] = True  # padding queries see themselves: no all-masked row, no NaN
+    if _attn_implementation(model) == "eager":  # eager adds the mask to the scores
+        attn: torch.Tensor = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+        attn.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    else:
+        attn = allowed
+    logits = model(input_ids=input_ids, attention_mask=attn[:, None], position_ids=positions,
+                   logits_to_keep=extra + 1).logits
+    lp = torch.log_softmax(logits[:, -(extra + 1) :].float(), dim=-1)  # [rows, 1 + extra, vocab]
+    scores = torch.zeros(rows, len(conts))
+    cursor = 0
+    for j, ids_j in enumerate(conts):
+        total_j = lp[:, 0, ids_j[0]].clone()
+        for k, target in enumerate(ids_j[1:]):
+            total_j += lp[:, 1 + cursor + k, target]
+        cursor += len(ids_j) - 1
+        scores[:, j] = total_j.cpu()
+    return scores
+
+
+def _cached_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
+    """Score every label of a left-padded batch from one KV-cached prompt pass plus a short pass per label."""
+    from transformers import DynamicCache
+
+    device, cache_kw = ids.device, _cache_kwarg(model)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+    first_lp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)
+    lengths, rows = mask.sum(-1), mask.shape[0]
+    scores = torch.zeros(rows, len(conts))
+    for j, ids_j in enumerate(conts):
+        total = first_lp[:, ids_j[0]].clone()
+        if len(ids_j) > 1:
+            tok = torch.tensor(ids_j[:-1], device=device).expand(rows, -1)
+            steps = torch.arange(len(ids_j) - 1, device=device)
+            res = model(
+                input_ids=tok,
+                attention_mask=torch.cat([mask, torch.ones_like(tok)], dim=1),
+                position_ids=lengths[:, None] + steps[None, :],
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            lp = torch.log_softmax(res.logits.float(), dim=-1)
+            target = torch.tensor(ids_j[1:], device=device).expand(rows, -1)
+            total += lp.gather(-1, target[..., None]).squeeze(-1).sum(-1)
+            cache.crop(-(len(ids_j) - 1))  # drop the label tokens again: back to the prompt
+        scores[:, j] = total.cpu()
+    return scores
 
 
 def _cache_kwarg(model: Any) -> str:

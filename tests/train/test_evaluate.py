@@ -71,10 +71,25 @@ def test_constrained_scores_equal_full_forward_passes(tiny_loaded) -> None:
     model, tok, _ = tiny_loaded
     convs = [[{"role": "user", "content": c}] for c in ("the film was great", "a b", "what is the topic of the plot")]
     labels = ["positive", "science technology", "no"]
-    fast = E.label_logprobs(model, tok, convs, labels, batch_size=3)  # left padding + KV cache reuse
+    packed = E.label_logprobs(model, tok, convs, labels, batch_size=3)  # left padding + one tree-masked pass
+    cached = E.label_logprobs(model, tok, convs, labels, batch_size=3, packed=False)  # KV cache reuse
     for i, conv in enumerate(convs):
         for j, label in enumerate(labels):
-            assert fast[i][j] == pytest.approx(_naive_logprob(model, tok, conv, label), abs=1e-4)
+            naive = _naive_logprob(model, tok, conv, label)
+            assert packed[i][j] == pytest.approx(naive, abs=1e-4)
+            assert cached[i][j] == pytest.approx(naive, abs=1e-4)
+
+
+def test_packed_scoring_works_with_eager_attention(tiny_base_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base_path)
+    convs = [[{"role": "user", "content": c}] for c in ("hello there", "a much longer question about the plot")]
+    packed = E.label_logprobs(model, tok, convs, ["yes", "no way"], packed=True)
+    for i, conv in enumerate(convs):
+        for j, label in enumerate(["yes", "no way"]):
+            assert packed[i][j] == pytest.approx(_naive_logprob(model, tok, conv, label), abs=1e-4)
 
 
 def test_constrained_mode_picks_the_most_likely_label(monkeypatch: pytest.MonkeyPatch, tiny_loaded) -> None:
