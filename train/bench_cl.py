@@ -118,6 +118,9 @@ class BenchSpec:
     overrides: list[str] = field(default_factory=list)  # --set for every method
     fresh: bool = False
     work: Path | None = None  # scratch root (sampled data, one registry per method); default <out>/.cl_work
+    ppl_files: list[Path] = field(default_factory=list)  # general text (JSON Lines, 'text') for the ppl column
+    ppl_samples: int = 64
+    ppl_length: int = 256
 
 
 def _cfg(spec: BenchSpec, method: str) -> Any:
@@ -190,6 +193,45 @@ def run_cell(
     }
 
 
+def row_perplexities(spec: BenchSpec, method: str, loaded: Any, texts: list[str]) -> dict[str, Any]:
+    """General perplexity of the model after each task of a finished cell, and of the base model.
+
+    Rebuilt from the cell's registry, so it can be added to cells that ran without it: after task
+    ``t`` the model is the sum of versions ``1..t`` (sum methods), or version ``t`` itself (one
+    continued adapter, ``mtl``, and the oracle's newest task adapter).
+    """
+    import tempfile
+
+    from peft import PeftModel
+
+    from cladapt.adapters.loading import attach, write_merged
+    from cladapt.registry.store import Store
+    from cladapt.train import evaluate as E
+    from cladapt.train.matrix import recorded_rows
+
+    model, tok, info = loaded
+    cfg = _cfg(spec, method)
+    store = Store.open(work_dir(spec) / "registries" / method)
+    rows = [r for r in recorded_rows(store) if r.status != "rejected"]
+    kw = {"max_length": spec.ppl_length, "precision": cfg.train.mixed_precision}
+    values: list[float] = []
+    base = E.perplexity(model, tok, texts, **kw)
+    for t, row in enumerate(rows):
+        if row.composition == "sum":
+            with tempfile.TemporaryDirectory() as scratch:
+                write_merged(store, [store.get(r.ref) for r in rows[: t + 1]], Path(scratch), info.id)
+                peft_model: Any = PeftModel.from_pretrained(model, scratch)
+        else:
+            peft_model, _ = attach(model, store, info, [row.ref])
+        try:
+            values.append(round(E.perplexity(peft_model, tok, texts, **kw), 4))
+        finally:
+            peft_model.unload()
+    logger.info("[%s] general perplexity after each task: %s (base model %.3f)", method, values, base)
+    return {"ppl": values, "ppl_base": round(base, 4),
+            "ppl_data": {"files": [str(f) for f in spec.ppl_files], "samples": len(texts), "max_length": spec.ppl_length}}
+
+
 def _train_seconds(rec: Any) -> float:
     stats = rec.manifest.train_stats
     return float(stats.get("train_runtime", stats.get("wall_seconds", 0.0)))
@@ -206,7 +248,7 @@ def run_bench(spec: BenchSpec) -> Path:
 
     from cladapt.adapters import METHODS
     from cladapt.base_model import load as load_base
-    from cladapt.train.evaluate import load_eval_set
+    from cladapt.train.evaluate import load_eval_set, load_texts
     from cladapt.train.report import write_report
 
     tasks, labels = read_order(spec.data_dir, spec.order)
@@ -228,14 +270,21 @@ def run_bench(spec: BenchSpec) -> Path:
     sets = {t: load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None,
                              limit=spec.profile.test_rows) for t in tasks}
     todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
-    if todo:
+    texts = [t for f in spec.ppl_files for t in load_texts(f, limit=spec.ppl_samples)][: spec.ppl_samples]
+    ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
+    if todo or ppl_todo:
         import torch
 
-        first = _cfg(spec, todo[0])
+        first = _cfg(spec, (todo or ppl_todo)[0])
         loaded = load_base(first.base_model, dtype=first.train.dtype, device="cuda" if torch.cuda.is_available() else None)
         for m in todo:
             logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
             cells[m] = run_cell(spec, m, tasks, files, sets, loaded, cache)
+            if texts:
+                cells[m].update(row_perplexities(spec, m, loaded, texts))
+            _save(result_path, results)
+        for m in ppl_todo:  # cells finished by a run without --ppl-data
+            cells[m].update(row_perplexities(spec, m, loaded, texts))
             _save(result_path, results)
     _save(result_path, results)
     runs = {m: cells[m] for m in spec.methods if m in cells}

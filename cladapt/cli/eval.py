@@ -313,13 +313,18 @@ def bench_group() -> None:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/work"), show_default=True,
               help="scratch: sampled data and one registry per method, kept for resuming")
 @click.option("--fresh", is_flag=True, help="discard earlier results and registries of this order and profile")
+@click.option("--ppl-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="general text (JSON Lines with 'text') for the general-perplexity column; added to finished cells too")
+@click.option("--ppl-samples", type=int, default=64, show_default=True, help="texts used for general perplexity")
 @config_options
 def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, base_model: str | None, mode: str | None,
-             max_new_tokens: int | None, work_dir: Path, fresh: bool, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+             max_new_tokens: int | None, work_dir: Path, fresh: bool, ppl_data: tuple[Path, ...], ppl_samples: int,
+             configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Continual-learning benchmark: train every method over an order, score every task after each.
 
     \b
-    cladapt bench cl --data-dir ../shared/data/cl-benchmark --order order1 --profile small --methods lora,olora,mtl
+    cladapt bench cl --data-dir ../shared/data/cl-benchmark --order order1 --profile small --methods lora,olora,mtl \\
+        --ppl-data ../shared/data/general-replay/c4.jsonl
 
     Resumable: finished (order, method) cells and finished tasks inside a cell are reused.
     """
@@ -335,15 +340,17 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
     if max_new_tokens:
         prof = replace(prof, max_new_tokens=max_new_tokens)
     spec = BenchSpec(data_dir, order, prof, [m.strip() for m in methods.split(",") if m.strip()], out,
-                     base_model=base_model, overrides=list(overrides), fresh=fresh, work=work_dir)
+                     base_model=base_model, overrides=list(overrides), fresh=fresh, work=work_dir,
+                     ppl_files=list(ppl_data), ppl_samples=ppl_samples)
     path = run_bench(spec)
     results = json.loads(path.read_text())
-    table = Table("method", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "train s", "eval s",
+    table = Table("method", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "ppl (base)", "train s", "eval s",
                   title=f"{order} ({profile}): {' -> '.join(results['tasks'])}")
     for m in spec.methods:
         cell = results["cells"].get(m) or {}
         met, con = cell.get("metrics") or {}, cell.get("metrics_constrained") or {}
-        table.add_row(m, *[_n(met.get(k), 2) for k in ("AA", "LA", "BWT", "FWT", "FM")], _n(con.get("AA"), 2),
+        ppl = f"{cell['ppl'][-1]:.2f} ({cell['ppl_base']:.2f})" if cell.get("ppl") else "–"
+        table.add_row(m, *[_n(met.get(k), 2) for k in ("AA", "LA", "BWT", "FWT", "FM")], _n(con.get("AA"), 2), ppl,
                       _n(cell.get("train_seconds")), _n(cell.get("eval_seconds")))
     console.print(table)
     console.print(f"results: {path}\nreport: {path.with_suffix('')}/index.html")

@@ -106,9 +106,15 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert lora["R"][0][1] == lora["b"][1]  # no adapter for the future task yet: the base model answers
     assert mtl["refs"] == ["mtl@1", "mtl@2"] and inc["constrained"] and inc["metrics"]["FWT"] is not None
     assert (out / "cl_o1_smoke" / "index.html").is_file() and (out / "cl_o1_smoke" / "heatmap_mtl.png").is_file()
-    # a second run reuses every cell
-    before = (out / "cl_o1_smoke.json").read_text()
-    run(*args)
-    assert json.loads((out / "cl_o1_smoke.json").read_text())["cells"] == json.loads(before)["cells"]
+    assert "ppl" not in inc  # no --ppl-data
+    # a second run reuses every cell; --ppl-data adds the general-perplexity column to finished cells
+    before = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"a plain general sentence number {i}"} for i in range(6)])
+    run(*args, "--ppl-data", general, "--ppl-samples", "4")
+    after = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
+    for m in ("lora", "inc-lora", "mtl"):
+        assert {k: v for k, v in after[m].items() if not k.startswith("ppl")} == before[m]
+        assert len(after[m]["ppl"]) == 2 and after[m]["ppl_base"] > 1 and after[m]["ppl_data"]["samples"] == 4
+    assert after["inc-lora"]["ppl"][1] != after["inc-lora"]["ppl"][0]  # task 2's model is the sum of both adapters
     bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code == 1 and "missing" in bad.output
