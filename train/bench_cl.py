@@ -186,6 +186,7 @@ def run_cell(
         # Trainer's own runtime: the version's wall time also holds the evaluation done before commit
         "train_seconds": round(sum(_train_seconds(recs[r.ref]) for r in rows), 1),
         "eval_seconds": round(sum(r.payload.get("seconds", 0.0) for r in rows), 1),
+        "wall_seconds": cell_wall_seconds(store, [r.ref for r in rows]),
         "cell_seconds_this_run": round(time.time() - started, 1),
         "config": {"method": cfg.method.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json"),
                    "train": cfg.train.model_dump(mode="json"), "base_model": cfg.base_model},
@@ -232,6 +233,11 @@ def row_perplexities(spec: BenchSpec, method: str, loaded: Any, texts: list[str]
             "ppl_data": {"files": [str(f) for f in spec.ppl_files], "samples": len(texts), "max_length": spec.ppl_length}}
 
 
+def cell_wall_seconds(store: Any, refs: list[str]) -> float:
+    """Wall time of a cell: every version's whole run (data, training, evaluation, commit), resumes included."""
+    return round(sum(float(store.get(ref).manifest.train_stats.get("wall_seconds", 0.0)) for ref in refs), 1)
+
+
 def _train_seconds(rec: Any) -> float:
     stats = rec.manifest.train_stats
     return float(stats.get("train_runtime", stats.get("wall_seconds", 0.0)))
@@ -264,6 +270,11 @@ def run_bench(spec: BenchSpec) -> Path:
     results.update(benchmark="cl", order=spec.order, tasks=tasks, profile=asdict(spec.profile),
                    data_dir=str(spec.data_dir.resolve()), machine=machine_info(), command=" ".join(sys.argv))
     cells: dict[str, Any] = results.setdefault("cells", {})
+    for m, cell in cells.items():  # cells from before wall_seconds was recorded
+        if cell.get("status") == "done" and "wall_seconds" not in cell and (work_dir(spec) / "registries" / m).is_dir():
+            from cladapt.registry.store import Store
+
+            cell["wall_seconds"] = cell_wall_seconds(Store.open(work_dir(spec) / "registries" / m), cell["refs"])
     cache: dict[str, Any] = results.setdefault("baseline_cache", {})
     data = work_dir(spec) / "data"
     files = {t: sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl") for t in tasks}

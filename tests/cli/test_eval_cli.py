@@ -106,6 +106,7 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert lora["R"][0][1] == lora["b"][1]  # no adapter for the future task yet: the base model answers
     assert mtl["refs"] == ["mtl@1", "mtl@2"] and inc["constrained"] and inc["metrics"]["FWT"] is not None
     assert (out / "cl_o1_smoke" / "index.html").is_file() and (out / "cl_o1_smoke" / "heatmap_mtl.png").is_file()
+    assert inc["wall_seconds"] >= inc["train_seconds"] + inc["eval_seconds"] - 1  # the versions' whole runs
     assert "ppl" not in inc  # no --ppl-data
     # a second run reuses every cell; --ppl-data adds the general-perplexity column to finished cells
     before = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
