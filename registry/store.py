@@ -39,15 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 from cladapt.registry import audit
+from cladapt.registry.annotations import StoreAnnotations
 from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
 from cladapt.registry.index import INDEX_FILE, Index, version_dirs
 from cladapt.registry.lock import StoreLock
+from cladapt.registry.maintenance import StoreMaintenance
 from cladapt.registry.manifest import (
     STATUSES,
     Problem,
     VersionRecord,
-    check_evals,
-    check_version,
     load_task_status,
     make_record,
     read_verified,
@@ -59,7 +59,6 @@ from cladapt.registry.refs import (
     AdapterRef,
     coerce_ref,
     validate_filename,
-    validate_name,
     validate_shared_key,
     validate_task_name,
 )
@@ -68,10 +67,7 @@ from cladapt.registry.staging import (
     build_manifest,
     collect_files,
     crash_point,
-    publish_shared,
     publish_version,
-    read_shared_dir,
-    stage_shared,
 )
 
 if TYPE_CHECKING:
@@ -85,7 +81,7 @@ FORMAT = 1
 MARKER = "cladapt-registry.json"
 
 
-class Store:
+class Store(StoreAnnotations, StoreMaintenance):
     """A registry of adapter versions rooted at one directory. Create with :meth:`init` / :meth:`open`."""
 
     def __init__(self, root: Path) -> None:
@@ -315,35 +311,6 @@ class Store:
             raise RegistryError(f"{rec.ref}: {entry.path!r} is not a safetensors file")
         return load(read_verified(rec.path, entry, rec.ref))
 
-    def evaluations(self, ref: AdapterRef | str) -> dict[str, dict[str, Any]]:
-        """Evaluation results attached after commit (``evals/<name>.json``), by name."""
-        rec = self.get(ref)
-        results: dict[str, dict[str, Any]] = {}
-        evals = rec.path / "evals"
-        for path in sorted(evals.glob("*.json")) if evals.is_dir() else []:
-            try:
-                results[path.stem] = json.loads(path.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise IntegrityError(f"{rec.ref}: evaluation {path.name!r} is unreadable ({exc})") from exc
-        return results
-
-    def audit_log(self) -> builtins.list[dict[str, Any]]:
-        """Every audit event, oldest first (torn lines are skipped with a warning)."""
-        return audit.read_events(self._audit_path)[0]
-
-    def get_policy(self) -> dict[str, Any] | None:
-        """The stored admission policy, or None."""
-        path = self.root / "policy.json"
-        try:
-            policy = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{path}: unreadable policy ({exc})", hint="set it again with set_policy") from exc
-        if not isinstance(policy, dict):
-            raise IntegrityError(f"{path}: the policy is not a JSON object", hint="set it again with set_policy")
-        return policy
-
     # ------------------------------------------------------------------ writing
 
     def stage(self, task: str) -> Staging:
@@ -456,68 +423,6 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("removed %s", rec.ref)
 
-    def add_evaluation(self, ref: AdapterRef | str, name: str, payload: dict[str, Any], *, actor: str = "cladapt") -> None:
-        """Attach (or replace) ``evals/<name>.json``: a mutable annotation, not part of the manifest."""
-        validate_name(name, what="evaluation name")
-        if not isinstance(payload, dict):
-            raise RegistryError(f"evaluation {name!r} must be a dict, got {type(payload).__name__}")
-        try:
-            data = dumps_json(payload)
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"evaluation {name!r} is not JSON-serialisable: {exc}") from exc
-        with self._lock:
-            rec = self.get(ref)
-            evals = rec.path / "evals"
-            if not evals.is_dir():
-                evals.mkdir()
-                fsync_dir(rec.path)
-            atomic_write_bytes(evals / f"{name}.json", data)
-            self._audit("evaluate", str(rec.ref), None, None, name, actor=actor)
-
-    def set_policy(self, policy: dict[str, Any], *, actor: str = "cladapt", reason: str = "") -> None:
-        """Replace ``policy.json`` atomically; audited with the old and new policy."""
-        if not isinstance(policy, dict):
-            raise RegistryError(f"a policy must be a dict, got {type(policy).__name__}")
-        try:
-            data = dumps_json(policy)
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"the policy is not JSON-serialisable: {exc}") from exc
-        with self._lock:
-            old = self.get_policy()
-            atomic_write_bytes(self.root / "policy.json", data)
-            self._audit("policy", None, old, policy, reason, actor=actor)
-
-    # ------------------------------------------------------------------ shared state
-
-    def shared_dir(self, kind: str, key: str) -> Path:
-        """``<root>/shared/<kind>/<key>/`` (not created): state shared by tasks, e.g. replay statistics."""
-        return self.root / "shared" / validate_name(kind, what="shared-state kind") / validate_shared_key(key)
-
-    def write_shared(self, kind: str, key: str, files: dict[str, Path], *, actor: str = "cladapt") -> Path:
-        """Store ``files`` (name -> source path) as the shared state ``kind/key``, replacing any old one.
-
-        Files are copied and hashed into ``.work`` first (no lock); under the lock the new folder
-        replaces the old one by two renames, which readers and later writers can recover from.
-        """
-        target = self.shared_dir(kind, key)
-        tmp = self.work_dir / "staging" / f"shared-{uuid.uuid4().hex}"
-        try:
-            stage_shared(tmp, files)
-            with self._lock:
-                replaced = publish_shared(tmp, target)
-                self._audit("write-shared", f"{kind}/{key}", None, sorted(files), "replaced" if replaced else "created", actor=actor)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-    def read_shared(self, kind: str, key: str) -> Path | None:
-        """The verified shared-state folder ``kind/key``, or None if it was never written.
-
-        Raises:
-            IntegrityError: a file does not match the sha256 recorded when it was written.
-        """
-        return read_shared_dir(self.shared_dir(kind, key), f"{kind}/{key}")
-
     # ------------------------------------------------------------------ maintenance
 
     def run_dir(self, task: str, run_id: str) -> Path:
@@ -525,43 +430,6 @@ class Store:
         path = self.work_dir / "runs" / validate_task_name(task) / validate_shared_key(run_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def verify(self, *, reindex: bool = False) -> builtins.list[Problem]:
-        """Check everything: re-hash every file of every version, and compare the index with the
-        manifests and statuses. ``reindex`` first rebuilds the index from the manifests.
-
-        Returns the problems that remain (an empty list means the registry is sound).
-        """
-        problems: builtins.list[Problem] = []
-        with self._lock:
-            if reindex:
-                problems += self._rebuild_all()
-            else:
-                problems += self._sync()
-            problems += self._index.compare()
-        for rec in self._index.records():
-            problems += check_version(rec.path, rec.manifest)
-            problems += check_evals(rec.path, str(rec.ref))
-        bad_lines = audit.read_events(self._audit_path)[1]
-        if bad_lines:
-            problems.append(Problem(audit.AUDIT_FILE, f"malformed line(s) {bad_lines[:10]}"))
-        problems = builtins.list(dict.fromkeys(problems))  # a reindex and the comparison may both see one
-        for problem in problems:
-            logger.warning("verify: %s", problem)
-        return problems
-
-    def clean_work(self, *, older_than_s: float = 24 * 3600) -> int:
-        """Delete ``.work`` debris: trash, and staging folders untouched for ``older_than_s``."""
-        import time
-
-        cutoff = time.time() - older_than_s
-        removed = 0
-        for sub, always in ((self.work_dir / "trash", True), (self.work_dir / "staging", False)):
-            for path in sub.iterdir() if sub.is_dir() else []:
-                if always or path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
-        return removed
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"

@@ -1,0 +1,130 @@
+"""What a registry holds besides the versions themselves: evaluations attached after commit, the
+admission policy, the audit log, and state shared by tasks (``shared/<kind>/<key>/``).
+
+A mixin of :class:`cladapt.registry.store.Store`, kept apart so the store module is about versions
+(commit, status, listing) and this one about the mutable annotations around them. Every write takes
+the store's lock and is audited, like a commit.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cladapt.errors import IntegrityError, RegistryError
+from cladapt.registry import audit
+from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
+from cladapt.registry.refs import AdapterRef, validate_name, validate_shared_key
+from cladapt.registry.staging import publish_shared, read_shared_dir, stage_shared
+
+if TYPE_CHECKING:
+    from cladapt.registry.lock import StoreLock
+    from cladapt.registry.manifest import VersionRecord
+
+
+class StoreAnnotations:
+    """Evaluations, policy, audit log and shared state of a :class:`~cladapt.registry.store.Store`."""
+
+    if TYPE_CHECKING:  # provided by Store
+        root: Path
+        work_dir: Path
+        _lock: StoreLock
+        _audit_path: Path
+
+        def get(self, ref: AdapterRef | str, *, base_fingerprint: str | None = None) -> VersionRecord: ...
+
+        def _audit(self, action: str, ref: str | None, from_: Any, to: Any, reason: str, *, actor: str,
+                   **extra: Any) -> None: ...
+
+    def evaluations(self, ref: AdapterRef | str) -> dict[str, dict[str, Any]]:
+        """Evaluation results attached after commit (``evals/<name>.json``), by name."""
+        rec = self.get(ref)
+        results: dict[str, dict[str, Any]] = {}
+        evals = rec.path / "evals"
+        for path in sorted(evals.glob("*.json")) if evals.is_dir() else []:
+            try:
+                results[path.stem] = json.loads(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise IntegrityError(f"{rec.ref}: evaluation {path.name!r} is unreadable ({exc})") from exc
+        return results
+
+    def audit_log(self) -> builtins.list[dict[str, Any]]:
+        """Every audit event, oldest first (torn lines are skipped with a warning)."""
+        return audit.read_events(self._audit_path)[0]
+
+    def get_policy(self) -> dict[str, Any] | None:
+        """The stored admission policy, or None."""
+        path = self.root / "policy.json"
+        try:
+            policy = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{path}: unreadable policy ({exc})", hint="set it again with set_policy") from exc
+        if not isinstance(policy, dict):
+            raise IntegrityError(f"{path}: the policy is not a JSON object", hint="set it again with set_policy")
+        return policy
+
+    def add_evaluation(self, ref: AdapterRef | str, name: str, payload: dict[str, Any], *, actor: str = "cladapt") -> None:
+        """Attach (or replace) ``evals/<name>.json``: a mutable annotation, not part of the manifest."""
+        validate_name(name, what="evaluation name")
+        if not isinstance(payload, dict):
+            raise RegistryError(f"evaluation {name!r} must be a dict, got {type(payload).__name__}")
+        try:
+            data = dumps_json(payload)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"evaluation {name!r} is not JSON-serialisable: {exc}") from exc
+        with self._lock:
+            rec = self.get(ref)
+            evals = rec.path / "evals"
+            if not evals.is_dir():
+                evals.mkdir()
+                fsync_dir(rec.path)
+            atomic_write_bytes(evals / f"{name}.json", data)
+            self._audit("evaluate", str(rec.ref), None, None, name, actor=actor)
+
+    def set_policy(self, policy: dict[str, Any], *, actor: str = "cladapt", reason: str = "") -> None:
+        """Replace ``policy.json`` atomically; audited with the old and new policy."""
+        if not isinstance(policy, dict):
+            raise RegistryError(f"a policy must be a dict, got {type(policy).__name__}")
+        try:
+            data = dumps_json(policy)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"the policy is not JSON-serialisable: {exc}") from exc
+        with self._lock:
+            old = self.get_policy()
+            atomic_write_bytes(self.root / "policy.json", data)
+            self._audit("policy", None, old, policy, reason, actor=actor)
+
+    def shared_dir(self, kind: str, key: str) -> Path:
+        """``<root>/shared/<kind>/<key>/`` (not created): state shared by tasks, e.g. replay statistics."""
+        return self.root / "shared" / validate_name(kind, what="shared-state kind") / validate_shared_key(key)
+
+    def write_shared(self, kind: str, key: str, files: dict[str, Path], *, actor: str = "cladapt") -> Path:
+        """Store ``files`` (name -> source path) as the shared state ``kind/key``, replacing any old one.
+
+        Files are copied and hashed into ``.work`` first (no lock); under the lock the new folder
+        replaces the old one by two renames, which readers and later writers can recover from.
+        """
+        target = self.shared_dir(kind, key)
+        tmp = self.work_dir / "staging" / f"shared-{uuid.uuid4().hex}"
+        try:
+            stage_shared(tmp, files)
+            with self._lock:
+                replaced = publish_shared(tmp, target)
+                self._audit("write-shared", f"{kind}/{key}", None, sorted(files), "replaced" if replaced else "created", actor=actor)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def read_shared(self, kind: str, key: str) -> Path | None:
+        """The verified shared-state folder ``kind/key``, or None if it was never written.
+
+        Raises:
+            IntegrityError: a file does not match the sha256 recorded when it was written.
+        """
+        return read_shared_dir(self.shared_dir(kind, key), f"{kind}/{key}")
