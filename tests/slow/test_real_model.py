@@ -51,3 +51,23 @@ def test_train_two_tasks_on_default_model(tmp_path: Path) -> None:
         check=True, capture_output=True, text=True,
     ).stdout
     assert "(topics)" in gen
+
+
+def test_packed_constrained_scoring_matches_cached_on_default_model() -> None:
+    """The tree-masked single pass and the KV-cached label passes agree on real benchmark rows (fp32)."""
+    import torch
+    from conftest import CL_BENCHMARK
+
+    from cladapt.base_model import load
+    from cladapt.train import evaluate as E
+
+    if not (CL_BENCHMARK / "dbpedia" / "test.jsonl").is_file():
+        pytest.skip("the CL benchmark data is not beside the project")
+    model, tok, _ = load()
+    es = E.load_eval_set(CL_BENCHMARK / "dbpedia" / "test.jsonl", limit=8)
+    convs = [ex.prompt_messages for ex in es.examples]
+    packed = torch.tensor(E.label_logprobs(model, tok, convs, es.labels, batch_size=4, packed=True))
+    cached = torch.tensor(E.label_logprobs(model, tok, convs, es.labels, batch_size=4, packed=False))
+    assert packed.shape == (8, len(es.labels)) and len(es.labels) == 14
+    assert torch.allclose(packed, cached, atol=1e-3)
+    assert torch.equal(packed.argmax(1), cached.argmax(1))
