@@ -121,15 +121,46 @@ class BenchSpec:
     ppl_files: list[Path] = field(default_factory=list)  # general text (JSON Lines, 'text') for the ppl column
     ppl_samples: int = 64
     ppl_length: int = 256
+    replay_data: Path | None = None  # general texts for the ``+gere-<loss>`` variants
 
 
-def _cfg(spec: BenchSpec, method: str) -> Any:
+#: GeRe losses a ``+gere-<loss>`` variant may name (methods.md §5)
+REPLAY_LOSSES = ("tm", "lf", "kl", "l1", "l2")
+
+
+def parse_cell(name: str, replay_data: Path | None = None) -> tuple[str, list[str]]:
+    """``method[+variant...]`` -> (method, ``--set`` overrides of the variants).
+
+    Variants put the data pipeline on top of a method, each cell in its own registry:
+    ``+asd`` (answer-style diversification, base-model explanations) and ``+gere-<loss>`` (general
+    replay of 128 texts x 128 tokens from ``replay_data``, concatenated with the task rows), e.g.
+    ``seq-lora+asd``, ``olora+gere-lf``, ``inc-lora+asd+gere-tm``.
+    """
+    method, *variants = name.split("+")
+    sets: list[str] = []
+    for variant in variants:
+        if variant == "asd":
+            sets.append("asd.enabled=true")
+        elif variant.startswith("gere-") and variant[5:] in REPLAY_LOSSES:
+            if replay_data is None:
+                raise ConfigError([Issue("--methods", f"{name}: the {variant} variant replays general text; "
+                                         "pass --replay-data FILE (JSON Lines with a 'text' field)")])
+            sets += ["replay.enabled=true", f"replay.loss={variant[5:]}", f"replay.texts={replay_data}",
+                     "replay.n_replay=128", "replay.max_tokens=128"]
+        else:
+            known = ", ".join(["asd", *(f"gere-{loss}" for loss in REPLAY_LOSSES)])
+            raise ConfigError([Issue("--methods", f"{name}: unknown variant {variant!r}")], hint=f"variants: {known}")
+    return method, sets
+
+
+def _cfg(spec: BenchSpec, cell: str) -> Any:
     from cladapt.config import load_config
 
+    method, variant_sets = parse_cell(cell, spec.replay_data)
     sets = [f"{k}={json.dumps(v)}" for k, v in spec.profile.overrides.items()]
     if spec.base_model:
         sets.append(f"base_model={spec.base_model}")
-    return load_config(method="lora" if method == "mtl" else method, overrides=[*sets, *spec.overrides])[0]
+    return load_config(method="lora" if method == "mtl" else method, overrides=[*sets, *variant_sets, *spec.overrides])[0]
 
 
 def _grid(rows: list[Any], tasks: list[str], section: str, field_: str) -> list[list[float | None]]:
@@ -158,11 +189,12 @@ def run_cell(
         if len([r for r in recorded_rows(store) if r.status != "rejected"]) > k:
             logger.info("[%s] %d/%d %s: already trained, reused", method, k + 1, len(tasks), task)
             continue
-        name = "mtl" if method == "mtl" else task
-        data = [str(files[t]) for t in tasks[: k + 1]] if method == "mtl" else [str(files[task])]
+        mtl = parse_cell(method, spec.replay_data)[0] == "mtl"
+        name = "mtl" if mtl else task
+        data = [str(files[t]) for t in tasks[: k + 1]] if mtl else [str(files[task])]
         scored = {t: sets[t] for t in tasks[: k + 2]}
         evaluator = HistoryEvaluator(store, cfg, name, None, options, sets=scored, baseline_cache=baseline_cache,
-                                     composition="single" if method == "mtl" else None)
+                                     composition="single" if mtl else None)
 
         def hook(ctx: Any, peft_model: Any, evaluator: HistoryEvaluator = evaluator) -> None:
             record_row(ctx, evaluator(ctx, peft_model), None, store)
@@ -260,8 +292,9 @@ def run_bench(spec: BenchSpec) -> Path:
     tasks, labels = read_order(spec.data_dir, spec.order)
     tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
     for m in spec.methods:
-        if m != "mtl":
-            METHODS.get(m)  # unknown names fail here, with a did-you-mean, before anything runs
+        method = parse_cell(m, spec.replay_data)[0]  # unknown variants fail here, before anything runs
+        if method != "mtl":
+            METHODS.get(method)  # unknown names fail here, with a did-you-mean
     stem = f"cl_{spec.order}_{spec.profile.name}"
     result_path = spec.out / f"{stem}.json"
     if spec.fresh:

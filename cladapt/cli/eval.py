@@ -304,7 +304,8 @@ def bench_group() -> None:
 @click.option("--order", default="order1", show_default=True, help="a task order named in the manifest")
 @click.option("--profile", type=click.Choice(["smoke", "quick", "small", "full"]), default="small", show_default=True,
               help="smoke: 16 rows, 2 steps; quick: 160/60 rows; small: 300/100 rows; full: all rows")
-@click.option("--methods", default="lora,seq-lora,inc-lora,olora,mtl", show_default=True, help="comma-separated")
+@click.option("--methods", default="lora,seq-lora,inc-lora,olora,mtl", show_default=True,
+              help="comma-separated; a method may carry variants: seq-lora+asd, olora+gere-lf")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--base-model", default=None)
 @click.option("--mode", type=click.Choice(["generate", "constrained", "both"]), default=None,
@@ -316,16 +317,19 @@ def bench_group() -> None:
 @click.option("--ppl-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="general text (JSON Lines with 'text') for the general-perplexity column; added to finished cells too")
 @click.option("--ppl-samples", type=int, default=64, show_default=True, help="texts used for general perplexity")
+@click.option("--replay-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="general texts replayed by the +gere-<loss> method variants (e.g. seq-lora+gere-lf)")
 @config_options
 def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, base_model: str | None, mode: str | None,
              max_new_tokens: int | None, work_dir: Path, fresh: bool, ppl_data: tuple[Path, ...], ppl_samples: int,
-             configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+             replay_data: Path | None, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Continual-learning benchmark: train every method over an order, score every task after each.
 
     \b
     cladapt bench cl --data-dir ../shared/data/cl-benchmark --order order1 --profile small --methods lora,olora,mtl \\
         --ppl-data ../shared/data/general-replay/c4.jsonl
 
+    Methods take data-pipeline variants: seq-lora+asd, olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm.
     Resumable: finished (order, method) cells and finished tasks inside a cell are reused.
     """
     from dataclasses import replace
@@ -341,7 +345,7 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
         prof = replace(prof, max_new_tokens=max_new_tokens)
     spec = BenchSpec(data_dir, order, prof, [m.strip() for m in methods.split(",") if m.strip()], out,
                      base_model=base_model, overrides=list(overrides), fresh=fresh, work=work_dir,
-                     ppl_files=list(ppl_data), ppl_samples=ppl_samples)
+                     ppl_files=list(ppl_data), ppl_samples=ppl_samples, replay_data=replay_data)
     path = run_bench(spec)
     results = json.loads(path.read_text())
     table = Table("method", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "ppl (base)", "train s", "eval s",

@@ -119,3 +119,36 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert after["inc-lora"]["ppl"][1] != after["inc-lora"]["ppl"][0]  # task 2's model is the sum of both adapters
     bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code == 1 and "missing" in bad.output
+
+
+def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
+    from cladapt.errors import ConfigError
+    from cladapt.train.bench_cl import parse_cell
+
+    assert parse_cell("seq-lora") == ("seq-lora", [])
+    assert parse_cell("olora+asd") == ("olora", ["asd.enabled=true"])
+    method, sets = parse_cell("inc-lora+asd+gere-lf", Path("c4.jsonl"))
+    assert method == "inc-lora" and "replay.loss=lf" in sets and "replay.texts=c4.jsonl" in sets
+    with pytest.raises(ConfigError, match="--replay-data"):
+        parse_cell("seq-lora+gere-tm")
+    with pytest.raises(ConfigError, match="unknown variant 'gere-xx'"):
+        parse_cell("seq-lora+gere-xx", Path("c4.jsonl"))
+
+    data = _fake_benchmark(tmp_path / "clb")
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"plain general text number {i} about things"} for i in range(8)])
+    out = tmp_path / "results"
+    run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "seq-lora+asd,inc-lora+gere-lf",
+        "--replay-data", general, "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path,
+        "--set", "lora.r=2", "--set", "train.batch_size=4", "--set", "asd.generator=none")
+    cells = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
+    assert cells["seq-lora+asd"]["config"]["method"]["name"] == "seq-lora" and len(cells["seq-lora+asd"]["R"]) == 2
+    assert cells["inc-lora+gere-lf"]["config"]["method"]["name"] == "inc-lora"
+    from cladapt.registry.store import Store
+
+    asd_store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "seq-lora+asd")
+    assert asd_store.get("sentiment").manifest.config["asd"]["enabled"] is True
+    replay_store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "inc-lora+gere-lf")
+    assert replay_store.get("topics").manifest.config["replay"]["loss"] == "lf"
+    bad = run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora+gere-tm",
+              "--out", out, "--work-dir", tmp_path / "work", ok=False)
+    assert bad.exit_code != 0 and "--replay-data" in bad.output
