@@ -72,12 +72,7 @@ class StoreAnnotations:
     def add_evaluation(self, ref: AdapterRef | str, name: str, payload: dict[str, Any], *, actor: str = "cladapt") -> None:
         """Attach (or replace) ``evals/<name>.json``: a mutable annotation, not part of the manifest."""
         validate_name(name, what="evaluation name")
-        if not isinstance(payload, dict):
-            raise RegistryError(f"evaluation {name!r} must be a dict, got {type(payload).__name__}")
-        try:
-            data = dumps_json(payload)
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"evaluation {name!r} is not JSON-serialisable: {exc}") from exc
+        data = _json_object_bytes(payload, f"evaluation {name!r}")
         with self._lock:
             rec = self.get(ref)
             evals = rec.path / "evals"
@@ -89,12 +84,7 @@ class StoreAnnotations:
 
     def set_policy(self, policy: dict[str, Any], *, actor: str = "cladapt", reason: str = "") -> None:
         """Replace ``policy.json`` atomically; audited with the old and new policy."""
-        if not isinstance(policy, dict):
-            raise RegistryError(f"a policy must be a dict, got {type(policy).__name__}")
-        try:
-            data = dumps_json(policy)
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"the policy is not JSON-serialisable: {exc}") from exc
+        data = _json_object_bytes(policy, "the policy")
         with self._lock:
             old = self.get_policy()
             atomic_write_bytes(self.root / "policy.json", data)
@@ -128,3 +118,13 @@ class StoreAnnotations:
             IntegrityError: a file does not match the sha256 recorded when it was written.
         """
         return read_shared_dir(self.shared_dir(kind, key), f"{kind}/{key}")
+
+
+def _json_object_bytes(obj: Any, what: str) -> bytes:
+    """``obj`` as JSON bytes, or a RegistryError naming ``what`` when it is not a JSON-serialisable dict."""
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{what} must be a dict, got {type(obj).__name__}")
+    try:
+        return dumps_json(obj)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"{what} is not JSON-serialisable: {exc}") from exc

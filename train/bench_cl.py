@@ -315,6 +315,8 @@ def run_bench(spec: BenchSpec) -> Path:
                              limit=spec.profile.test_rows) for t in tasks}
     todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
     texts = [t for f in spec.ppl_files for t in load_texts(f, limit=spec.ppl_samples)][: spec.ppl_samples]
+    if spec.ppl_files and not texts:
+        raise DataError([Issue(str(f), "no non-empty 'text' field to measure perplexity on") for f in spec.ppl_files])
     ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
     if todo or ppl_todo:
         import torch

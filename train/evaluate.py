@@ -194,11 +194,12 @@ def label_logprobs(
       prompt pass, whatever the number of labels.
     * **cached**: one prompt pass fills the KV cache, then each label's few tokens are scored for the
       whole batch and the cache is cropped back (``1 + len(labels)`` passes per batch); used for
-      attention kernels that take no custom mask (flash attention).
+      attention kernels that take no custom mask (flash attention) and models without
+      ``logits_to_keep``.
     """
     conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
     if packed is None:
-        packed = _attn_implementation(model) in ("sdpa", "eager")
+        packed = _attn_implementation(model) in ("sdpa", "eager") and _takes(model, "logits_to_keep")
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[list[float]] = []
@@ -287,6 +288,12 @@ def _cached_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor, conts: lis
             cache.crop(-(len(ids_j) - 1))  # drop the label tokens again: back to the prompt
         scores[:, j] = total.cpu()
     return scores
+
+
+def _takes(model: Any, argument: str) -> bool:
+    """Whether the (base) model's ``forward`` has ``argument``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -316,7 +316,7 @@ def bench_group() -> None:
 @click.option("--fresh", is_flag=True, help="discard earlier results and registries of this order and profile")
 @click.option("--ppl-data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="general text (JSON Lines with 'text') for the general-perplexity column; added to finished cells too")
-@click.option("--ppl-samples", type=int, default=64, show_default=True, help="texts used for general perplexity")
+@click.option("--ppl-samples", type=click.IntRange(min=1), default=64, show_default=True, help="texts used for general perplexity")
 @click.option("--replay-data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="general texts replayed by the +gere-<loss> method variants (e.g. seq-lora+gere-lf)")
 @config_options
