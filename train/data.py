@@ -97,8 +97,8 @@ def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            issues.append(Issue(f"{path}:{line}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            bad_line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            issues.append(Issue(f"{path}:{bad_line}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
             return
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

@@ -32,6 +32,16 @@ def test_bad_rows_name_file_and_line(tmp_path: Path) -> None:
     assert "cladapt data check" in (err.value.hint or "")
 
 
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"instruction": "q", "output": "a"}).encode() + b"\n"
+    path.write_bytes(good + good + b'{"instruction": "caf\xe9", "output": "a"}\n')
+    with pytest.raises(DataError) as err:
+        load_examples([path])
+    assert [i.where for i in err.value.issues] == [f"{path}:3"]
+    assert "not valid UTF-8" in str(err.value)
+
+
 def test_csv_lines_and_missing_file(tmp_path: Path) -> None:
     csv = tmp_path / "rows.csv"
     csv.write_text("instruction,input,output\nq1,x,a\nq2,y,\n")
