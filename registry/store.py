@@ -258,7 +258,7 @@ class Store(StoreAnnotations, StoreMaintenance):
         if versions:
             return NotFound(f"no version {ref} in the registry", hint=f"versions of {ref.task}: {', '.join(versions[-20:])}")
         close = difflib.get_close_matches(ref.task, self._index.tasks(), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "see `cladapt registry list`"
+        hint = f"did you mean {close[0]!r}?" if close else "see `cladapt list`"
         return NotFound(f"no task {ref.task!r} in the registry at {self.root}", hint=hint)
 
     def active(self, task: str) -> VersionRecord | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -147,48 +146,31 @@ def rm_cmd(ref: str, registry: Path | None, force: bool) -> None:
 
 
 @click.command("export")
-@click.argument("ref", required=False)
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("args", nargs=-1, metavar="[REF] OUT")
 @registry_option
 @click.option("--merged", is_flag=True, help="all active sum-composed adapters as ONE LoRA of rank sum(r_t)")
-def export_cmd(ref: str | None, out: Path, registry: Path | None, merged: bool) -> None:
+def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool) -> None:
     """Write a plain PEFT adapter folder (loadable by PeftModel.from_pretrained and vLLM).
 
     \b
     cladapt export sentiment out/            # one version
     cladapt export --merged out/             # the summed task adapters as one LoRA
     """
-    from cladapt.adapters.loading import summed_versions, write_merged
-    from cladapt.base_model import BaseModelInfo
+    from cladapt.adapters.export import export_merged, export_version
 
-    store = open_store(registry)
-    if out.exists() and any(out.iterdir()):
-        raise click.UsageError(f"{out} exists and is not empty")
     if merged:
-        if ref:
-            raise click.UsageError("--merged takes no REF: it merges every active sum-composed version")
-        recs = store.list()
-        if not recs:
-            raise click.UsageError("the registry is empty")
-        # merge per base model: use the newest version's base
-        newest = max(recs, key=lambda r: r.created)
-        bm = newest.manifest.base_model
-        info = BaseModelInfo(bm["id"], Path("."), bm["fingerprint"], bm.get("tokenizer_fingerprint", ""))
-        chosen = summed_versions(store, info)
-        ranks = write_merged(store, chosen, out, bm["id"])
+        if len(args) != 1:
+            raise click.UsageError("--merged takes only OUT: it merges every active sum-composed version")
+        result = export_merged(open_store(registry), Path(args[0]))
         console.print(
-            f"exported {len(chosen)} adapters ({', '.join(f'{r.task}@{r.version}' for r in chosen)}) "
-            f"as one LoRA of rank {max(ranks.values())} to {out}"
+            f"exported {len(result.refs)} adapters ({', '.join(result.refs)}) "
+            f"as one LoRA of rank {result.rank} to {result.out}"
         )
         return
-    if not ref:
-        raise click.UsageError("give a REF (task or task@N), or --merged")
-    rec = store.get(ref)
-    src = store.adapter_dir(f"{rec.task}@{rec.version}")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        shutil.copy2(f, out / f.name)
-    console.print(f"exported {rec.task}@{rec.version} to {out}")
+    if len(args) != 2:
+        raise click.UsageError("give REF (task or task@N) and OUT, or --merged OUT")
+    result = export_version(open_store(registry), args[0], Path(args[1]))
+    console.print(f"exported {result.refs[0]} to {result.out}")
 
 
 @click.command("generate")
