@@ -48,7 +48,7 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 disables)")
     max_length: int = Field(512, ge=8, description="maximum tokens per example (prompt + answer)")
     overlong: Literal["truncate", "reject"] = Field(
-        "truncate", description="what to do with examples longer than max_length: cut the prompt's start, or reject"
+        "truncate", description="what to do with examples longer than max_length: cut the middle of the input, or reject"
     )
     seed: int = Field(0, description="seed for initialisation, shuffling and every method's random choice")
     logging_steps: int = Field(10, ge=1)

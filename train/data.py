@@ -44,6 +44,9 @@ class Example:
     file: str
     line: int
     meta: dict[str, Any] = field(default_factory=dict)
+    #: an instruction row's ``input`` field: the part of the prompt an over-long row loses first
+    #: (train.chat); empty for chat rows
+    input_text: str = ""
 
     @property
     def where(self) -> str:
@@ -214,7 +217,7 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example 
     if len(issues) > before:
         return None
     messages = [{"role": "user", "content": join_prompt(instruction, inp)}, {"role": "assistant", "content": output}]
-    return Example(messages, file, line, meta)
+    return Example(messages, file, line, meta, input_text=inp)
 
 
 @dataclass

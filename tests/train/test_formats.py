@@ -82,3 +82,37 @@ def test_truncation_keeps_the_answer(tiny_loaded) -> None:  # noqa: ANN001
     assert "positive" in tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != -100])
     with pytest.raises(ValueError, match="max_length 40"):
         encode(tok, long, max_length=40, overlong="reject")
+
+
+def _decoded(tok, enc, *, answer: bool) -> str:  # noqa: ANN001
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if (lab != IGNORE_INDEX) == answer])
+
+
+def test_overlong_row_loses_the_middle_of_its_input(tmp_path: Path, tiny_loaded) -> None:  # noqa: ANN001
+    _, tok, _ = tiny_loaded
+    instruction = "What is the topic of the following paragraph? Choose one from the option.\nOption: sports, business\n"
+    middle = " ".join(["the company does business"] * 60)
+    row = {"instruction": instruction, "input": f"title first sentence {middle} last sentence true", "output": "business"}
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    ex = load_examples([path]).examples[0]
+    full = encode(tok, ex, max_length=4096, overlong="reject")
+    enc = encode(tok, ex, max_length=80, overlong="truncate")
+    assert not full.truncated and len(full.input_ids) > 200
+    assert enc.truncated and len(enc.input_ids) == 80
+    prompt = _decoded(tok, enc, answer=False)
+    # the instruction with its option list, the input's start and end, the answer: all kept
+    assert prompt.startswith("<|im_start|>user\n" + instruction + "title first sentence")
+    assert prompt.endswith("last sentence true<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.count("business") < middle.count("business")
+    assert _decoded(tok, enc, answer=True).startswith("business")
+    # a chat row keeps its system prompt; its last user message is cut in the middle
+    chat = Example([{"role": "system", "content": "answer with one word"},
+                    {"role": "user", "content": f"topic? {middle} end"},
+                    {"role": "assistant", "content": "business"}], "x.jsonl", 1)
+    enc = encode(tok, chat, max_length=60, overlong="truncate")
+    prompt = _decoded(tok, enc, answer=False)
+    assert len(enc.input_ids) == 60 and prompt.startswith("<|im_start|>system\nanswer with one word<|im_end|>\n")
+    assert "topic?" in prompt and "end<|im_end|>" in prompt
+    with pytest.raises(ValueError, match="even without its input"):
+        encode(tok, ex, max_length=20, overlong="truncate")
