@@ -7,7 +7,8 @@ Changes during training:
 
 * the task adapter is a *weighted* LoRA ``DeltaW_t = s * B_t diag(w_t) A_t`` with a learnable
   per-rank vector ``w_t`` (init 1), applied by a forward hook on ``lora_A``'s output;
-  ``A ~ N(0, (1/r)^2)``, ``B = 0``;
+  ``A ~ N(0, (1/r)^2)`` drawn from the task's own init seed (``TaskSpec.seed``: a hash of the
+  train seed, the task and its place in the sequence), ``B = 0``;
 * an intra-orthogonality penalty ``lambda_intra * sum_m (||A A^T - I||^2 + ||B^T B - I||^2) / r^2``
   pushes ``(B, w, A)`` towards a learned SVD;
 * the row space of every earlier task's ``A`` (``P_A``) and the column space of its ``B`` (``P_B``)

@@ -70,6 +70,24 @@ class RunContext:
     task_extra: dict[str, Any] = field(default_factory=dict)
 
 
+def init_seed(seed: int, task: str, position: int) -> int:
+    """The seed a new task adapter is initialised from: stable in (seed, task, position).
+
+    ``position`` is the number of versions the registry holds on this base model before this one,
+    so consecutive tasks of a sequence (and a re-training of a task) start from different random
+    ``A`` -- orthogonality and subspace methods measure nothing when every task starts from the
+    same ``A`` -- while re-running the same step of the same sequence reproduces it bit-exactly.
+    sha256, not ``hash()``: Python salts string hashes per process.
+    """
+    digest = hashlib.sha256(f"cladapt-adapter-init\0{seed}\0{task}\0{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # torch.manual_seed takes < 2**63 on every platform
+
+
+def sequence_position(store: Store, base: BaseModelInfo) -> int:
+    """How many versions (any task, any status) the registry holds on ``base``: this version's place."""
+    return sum(1 for r in store.list() if r.manifest.base_model.get("fingerprint") == base.fingerprint)
+
+
 def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
     blob = json.dumps({"task": task, "data": data_sha, "config": cfg.model_dump(mode="json")}, sort_keys=True)
     return f"{task}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -215,12 +233,18 @@ def train_task(
     run_dir = store.root / ".work" / "runs" / run_key(task, data.sha256, cfg)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
+    # a fresh random A per task and place in the sequence (PEFT's init draws from the global RNG);
+    # methods that draw their own init (OWLoRA) get the same seed through TaskSpec.seed
+    position = sequence_position(store, base)
+    seed = init_seed(cfg.train.seed, task, position)
+    ctx.manifest_extra["train_stats"] = {"init_seed": seed, "sequence_position": position}
+    torch.manual_seed(seed)
     # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
     # the manifest keeps the id the user gave
     peft_model = get_peft_model(model, method.lora_config(str(base.path)), adapter_name=TRAIN_ADAPTER)
     collate = Collator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
-    spec = TaskSpec(name=task, rows=len(data.examples), seed=cfg.train.seed, dataloader=loader, extra=ctx.task_extra)
+    spec = TaskSpec(name=task, rows=len(data.examples), seed=seed, dataloader=loader, extra=ctx.task_extra)
     plugins: list[TrainingPlugin] = [method, *ctx.plugins]
     try:
         with folded(peft_model, frozen):
@@ -301,6 +325,7 @@ def _commit(
                 "train_loss": round(float(result.training_loss), 6),
                 "wall_seconds": round(time.time() - started, 2),
                 **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+                **ctx.manifest_extra.get("train_stats", {}),
             },
             metrics={**sidecars.metrics, **ctx.manifest_extra.get("metrics", {})},
         )
