@@ -227,10 +227,15 @@ class Router(abc.ABC):
     spaces: ClassVar[frozenset[str]] = frozenset()
     #: the router derives per-version state from signatures (and so needs them)
     needs_signatures: ClassVar[bool] = True
+    #: the router runs a model of its own (Arrow): the caller hands it one with ``bind_model``
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, config: RouterConfig | None = None) -> None:
         self.config = config if config is not None else self.Config(name=self.name)
         self.tasks: dict[str, TaskView] = {}
+
+    def bind_model(self, model: Any, tokenizer: Any) -> None:  # noqa: B027 - only needs_model routers use it
+        """Give a ``needs_model`` router its own base model (it may wrap it in place) and tokenizer."""
 
     @property
     def candidates(self) -> list[str]:
