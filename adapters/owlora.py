@@ -9,8 +9,11 @@ Changes during training:
   per-rank vector ``w_t`` (init 1), applied by a forward hook on ``lora_A``'s output;
   ``A ~ N(0, (1/r)^2)`` drawn from the task's own init seed (``TaskSpec.seed``: a hash of the
   train seed, the task and its place in the sequence), ``B = 0``;
-* an intra-orthogonality penalty ``lambda_intra * sum_m (||A A^T - I||^2 + ||B^T B - I||^2) / r^2``
-  pushes ``(B, w, A)`` towards a learned SVD;
+* an intra-orthogonality penalty ``lambda_intra * mean_m (||A A^T - I||^2 + ||B^T B - I||^2) / r^2``
+  pushes ``(B, w, A)`` towards a learned SVD. [cladapt] it is the *mean* over the adapted modules
+  (the official code adapts a few modules; summed over the 60 q/v modules of a 30-layer model the
+  penalty grows with the module count and outweighs the task CE), so ``lambda_intra`` means the
+  same at any depth or target set; the initial ``A`` keeps the official N(0, (1/r)^2) rows;
 * the row space of every earlier task's ``A`` (``P_A``) and the column space of its ``B`` (``P_B``)
   are projected out: of the initial ``A`` [cladapt], of the gradients in ``pre_step`` (official),
   and of the parameters in ``post_step`` [cladapt] -- projected gradients alone do not give
@@ -139,7 +142,8 @@ class OWLoRA(CLMethod):
         for layer in self._layers.values():
             a, b = factor_params(layer)
             total = total + intra_orth_penalty(a, b)
-        return {"intra": self.config.lambda_intra * total}  # type: ignore[dict-item]
+        # mean over modules: the penalty's weight against the CE must not grow with depth or targets
+        return {"intra": self.config.lambda_intra * total / max(1, len(self._layers))}  # type: ignore[dict-item]
 
     @override
     def pre_step(self, model: PeftModel) -> None:

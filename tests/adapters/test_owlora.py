@@ -118,3 +118,19 @@ def test_capacity_error_before_training(tiny_model, history) -> None:
     method = make_method("owlora")
     with pytest.raises(CapacityError, match="k_B"):
         method.prepare(peft_model(tiny_model, method), task_spec([]), history)
+
+
+def test_intra_penalty_scale_does_not_grow_with_the_module_count(tiny_model, history) -> None:
+    """The penalty is a mean over modules: 2 or 8 adapted modules start at the same scale."""
+    batches = random_batches(tiny_model.config.vocab_size, 1)
+    values = {}
+    for targets in (["q_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]):
+        method = make_method("owlora", targets=targets)
+        model = peft_model(tiny_model, method)
+        method.prepare(model, task_spec(batches), history)
+        assert len(lora_layers(model)) == 2 * len(targets)
+        values[len(targets)] = method.extra_losses(model, batches[0], None)["intra"].detach().item()
+        method.finalize(model, task_spec(batches))
+        model.unload()
+    # every module's A has the same d_in (64) and the same seeded draw law, B = 0: equal per-module terms
+    assert values[1] > 0.1 and 0.8 < values[4] / values[1] < 1.25, values
