@@ -28,7 +28,8 @@ orthonormal complement of ``U`` (same subspace as the official SVD of ``(I - U U
 in the free subspace even when ``C`` has fewer than ``r`` non-zero directions). Energies are
 squared singular values (FOT's code uses the unsquared norm ratio). Only summed versions trained
 by this method contribute bases (input subspaces cannot be recovered from adapter tensors).
-``k + r > d_in`` is a CapacityError before training.
+``k + r > d_in`` is a CapacityError before training. PEFT's ``alpha / r`` scaling is kept; the
+preset sets ``alpha = r`` (scaling 1), as the official forward adds ``B @ A`` unscaled.
 """
 
 from __future__ import annotations

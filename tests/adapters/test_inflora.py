@@ -116,3 +116,19 @@ def test_padding_does_not_change_the_covariance(tiny_model) -> None:
     assert a.tokens == b.tokens == short["input_ids"].numel()
     for key in a.cov:
         assert torch.allclose(a.cov[key], b.cov[key], rtol=1e-5, atol=1e-6)
+
+
+def test_preset_adds_b_a_unscaled(tiny_model) -> None:
+    """The official InfLoRA forward adds ``B @ A`` with no alpha/r factor: the preset's scaling is 1."""
+    from peft import get_peft_model
+
+    from cladapt.adapters import METHODS
+    from cladapt.config import load_config
+
+    cfg, _ = load_config(method="inflora")
+    assert cfg.lora.r == 8 and cfg.lora.scaling == 1.0
+    method = METHODS.get("inflora")(cfg.method, cfg.lora)
+    model = get_peft_model(tiny_model, method.lora_config("tiny"))
+    layers = lora_layers(model)
+    assert layers and {layer.scaling["default"] for layer in layers.values()} == {1.0}
+    model.unload()
