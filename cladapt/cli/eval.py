@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from cladapt.cli import route as route_cli
 from cladapt.cli.common import config_options, console, echo_json, open_store, registry_option
 
 
@@ -47,17 +48,26 @@ def _n(v: Any, digits: int = 1) -> str:
 @click.option("--record/--no-record", default=True, show_default=True,
               help="attach the result to the evaluated version (evals/eval-<task>.json)")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--router", default=None, help="route every row without a task id and score the routed answers")
+@route_cli.router_options
 def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, data: tuple[Path, ...], task: str | None,
              mode: str, max_new_tokens: str, limit: int | None, batch_size: int, mixed_precision: str,
              base_model: str | None, record: bool,
-             as_json: bool) -> None:
-    """Score the base model, one adapter, or the composed sum on held-out data.
+             as_json: bool, router: str | None, settings: tuple[str, ...], top_k: int | None, compositions: str) -> None:
+    """Score the base model, one adapter, the composed sum, or routed adapters on held-out data.
 
     \b
     cladapt eval --adapter amazon --data amazon-test.jsonl
     cladapt eval --compose sum --data agnews-test.jsonl --mode both
     cladapt eval --data agnews-test.jsonl --base-model smollm2-135m-instruct   # the base model alone
+    cladapt eval --router dtkr --data mixed_test.jsonl   # each row routed; scores per task (row 'task' field)
     """
+    if router is not None:
+        if adapter or compose:
+            raise click.UsageError("--router chooses the adapters itself: drop --adapter/--compose")
+        _eval_routed(registry, router, settings, top_k, compositions, data, task, mode, max_new_tokens, limit,
+                     batch_size, mixed_precision, base_model, as_json)
+        return
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import DEFAULT_BASE_MODEL, load
     from cladapt.train.evaluate import evaluate, load_eval_set, rule
@@ -104,6 +114,31 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
     console.print(table)
     if record and target:
         console.print(f"recorded on {target} as eval-{es.task}")
+
+
+def _eval_routed(registry: Path | None, router: str, settings: tuple[str, ...], top_k: int | None, compositions: str,
+                 data: tuple[Path, ...], task: str | None, mode: str, max_new_tokens: str, limit: int | None,
+                 batch_size: int, precision: str, base_model: str | None, as_json: bool) -> None:
+    import random
+
+    from cladapt.route_eval import evaluate_with_router, rows_from_files
+
+    session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
+    rows = rows_from_files(list(data), task=task)
+    if limit is not None and limit < len(rows):
+        rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), limit))]
+    budget = None if max_new_tokens == "auto" else int(max_new_tokens)
+    out = evaluate_with_router(session, rows, mode=mode, max_new_tokens=budget, batch_size=batch_size, precision=precision)
+    if as_json:
+        echo_json(out)
+        return
+    table = Table("task", "rows", "score", "routed correctly %", "routed to", title=f"routed by {router}")
+    for name, res in out["tasks"].items():
+        routed = ", ".join(f"{t} {k}" for t, k in sorted(res["routed_to"].items(), key=lambda kv: -kv[1]))
+        table.add_row(name, str(res["n"]), _n(res["score"], 2), _n(out["routing"]["per_task"].get(name), 1), routed)
+    console.print(table)
+    console.print(f"score {out['score']:.2f} over {out['n']} rows; routing accuracy {out['routing']['accuracy']:.2f}% "
+                  f"(merged groups {out['routing']['accuracy_merged']:.2f}%)", highlight=False)
 
 
 # ------------------------------------------------------------------ history

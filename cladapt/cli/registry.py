@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from cladapt.cli import route as route_cli
 from cladapt.cli.common import console, echo_json, open_store, registry_option
 
 
@@ -180,15 +181,32 @@ def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool) -> No
 @click.option("--compose", type=click.Choice(["sum"]), default=None, help="all active sum-composed adapters at once")
 @click.option("--base-model", default=None, help="override the base model recorded in the adapter")
 @click.option("--max-new-tokens", type=int, default=64)
+@click.option("--router", default=None, help="route each prompt without a task id (dtkr, mos, arrow, ...; `cladapt route list`)")
+@route_cli.router_options
 def generate_cmd(
     prompts: tuple[str, ...], registry: Path | None, adapters: tuple[str, ...], compose: str | None,
-    base_model: str | None, max_new_tokens: int,
+    base_model: str | None, max_new_tokens: int, router: str | None, settings: tuple[str, ...], top_k: int | None,
+    compositions: str,
 ) -> None:
-    """Answer PROMPTS with the base model plus adapter(s), greedy, through the chat template."""
+    """Answer PROMPTS with the base model plus adapter(s), greedy, through the chat template.
+
+    \b
+    cladapt generate --adapter amazon "..."        # one version
+    cladapt generate --router dtkr "..." "..."     # each prompt routed on its own; shows the adapter it used
+    """
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import load
     from cladapt.generation import generate
 
+    if router is not None:
+        if adapters or compose:
+            raise click.UsageError("--router chooses the adapters itself: drop --adapter/--compose")
+        session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
+        routes = session.route(list(prompts))
+        for p, r, a in zip(prompts, routes, session.generate(list(prompts), routes, max_new_tokens=max_new_tokens),
+                           strict=True):
+            route_cli.show_route(p, r, answer=a)
+        return
     store = open_store(registry)
     if adapters and compose:
         raise click.UsageError("use --adapter or --compose, not both")

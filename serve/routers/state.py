@@ -62,7 +62,8 @@ def router_config(name: str, overrides: Sequence[str] = ()) -> RouterConfig:
 
 
 def config_key(config: RouterConfig) -> str:
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    """Hash of the settings that shape per-version state (top_k only acts at routing time)."""
+    blob = json.dumps(config.model_dump(mode="json", exclude={"top_k"}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
