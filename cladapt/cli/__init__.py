@@ -13,7 +13,7 @@ import sys
 import click
 
 from cladapt import __version__
-from cladapt.cli import data, methods, registry, route, train
+from cladapt.cli import data, hub, methods, registry, route, train
 from cladapt.cli import eval as eval_cli
 from cladapt.cli.common import err_console
 from cladapt.errors import CladaptError
@@ -70,7 +70,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     _setup_logging(verbose)
 
 
-for _module in (train, registry, methods, data, eval_cli, route):
+for _module in (train, registry, methods, data, eval_cli, hub, route):
     for _command in _module.commands:
         cli.add_command(_command)
 
