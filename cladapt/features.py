@@ -101,8 +101,9 @@ def hidden_embed(
     decoder = _decoder(model)
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
-    old_side = tokenizer.padding_side
+    old_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "right"
+    model.eval()  # no dropout: a signature and a query must be embedded deterministically
     try:
         with torch.no_grad():
             for chunk in _batches(texts, batch_size):
@@ -112,6 +113,7 @@ def hidden_embed(
                 out.append(mean_pool(hidden, enc["attention_mask"]).cpu())
     finally:
         tokenizer.padding_side = old_side
+        model.train(was_training)
     if not out:
         return torch.empty(0, model.config.hidden_size)
     return torch.cat(out)

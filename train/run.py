@@ -33,6 +33,7 @@ from cladapt.train.chat import encode_all
 from cladapt.train.data import Example, LoadedData, load_examples
 from cladapt.train.history import StoreHistory
 from cladapt.train.loop import CLTrainer, Collator
+from cladapt.train.signatures import signature_sidecars
 
 if TYPE_CHECKING:
     from cladapt.config import RunConfig
@@ -278,6 +279,10 @@ def train_task(
             sidecars.merge(ctx.sidecars)
             if after_train is not None:
                 after_train(ctx, peft_model)
+        # the routing signature sees the adapter alone on the unmodified base (earlier summed adapters
+        # unfolded again), exactly as a router embeds a query with one candidate's adapter
+        sidecars.merge(signature_sidecars(peft_model, tokenizer, data.examples, adapter=TRAIN_ADAPTER,
+                                          seed=cfg.train.seed, base=base))
     except BaseException:
         # leave a model passed in with `loaded=` as it was given (no LoRA layers left behind)
         peft_model.unload()
