@@ -174,10 +174,9 @@ def run_cell(
     """Train ``method`` over ``tasks`` (resuming from its registry) and return its matrices."""
     from cladapt.registry.store import Store
     from cladapt.train import metrics as M
-    from cladapt.train.gate import record_row
     from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
     from cladapt.train.matrix import recorded_rows
-    from cladapt.train.run import train_task
+    from cladapt.train.run import train_from_config
 
     cfg = _cfg(spec, method)
     started = time.time()
@@ -195,12 +194,9 @@ def run_cell(
         scored = {t: sets[t] for t in tasks[: k + 2]}
         evaluator = HistoryEvaluator(store, cfg, name, None, options, sets=scored, baseline_cache=baseline_cache,
                                      composition="single" if mtl else None)
-
-        def hook(ctx: Any, peft_model: Any, evaluator: HistoryEvaluator = evaluator) -> None:
-            record_row(ctx, evaluator(ctx, peft_model), None, store)
-
         logger.info("[%s] %d/%d: training %s on %s", method, k + 1, len(tasks), name, ", ".join(Path(d).stem for d in data))
-        rec = train_task(store, name, data, cfg, after_train=hook, loaded=loaded)
+        # the library's train action: the variant's ASD / replay run exactly as `cladapt train` runs them
+        rec = train_from_config(store, name, data, cfg, loaded=loaded, evaluator=evaluator)
         scores = {t: e.get("score") for t, e in rec.manifest.metrics["eval"]["scores"].items()}
         logger.info("[%s] %s scores: %s", method, rec.ref, scores)
     rows = [r for r in recorded_rows(store) if r.status != "rejected"][: len(tasks)]

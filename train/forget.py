@@ -1,10 +1,10 @@
-"""``forget_task``: a forgetting request (forget set + retain set) -> one committed version.
+"""Forgetting requests (forget set + retain set) -> one committed version.
 
 Forgetting methods (``CLMethod.forgetting``, e.g. ``gslora``, methods.md §8) train on the *retain*
 set as the task data -- the trainer's task CE is ``CE(R)`` -- and draw their own paired batch from
-the forget set in ``extra_losses``. This module reuses :func:`cladapt.train.run.train_task` whole:
-a run extension encodes the forget set with the run's tokenizer and hands the plugins, through
-``TaskSpec.extra``:
+the forget set in ``extra_losses``. ``train_from_config(..., forget_data=...)`` and
+:func:`forget_task` reuse :func:`cladapt.train.run.train_task` whole: a run extension encodes
+the forget set with the run's tokenizer and hands the plugins, through ``TaskSpec.extra``:
 
 * ``forget_loader``: a seeded, shuffled DataLoader over the encoded forget rows (same collation
   as the task batches, with ``row_index``);
@@ -68,6 +68,17 @@ def forget_extension(forget: list[Example], info: dict[str, Any]) -> RunExtensio
     return extend
 
 
+def forget_set_extension(forget_files: list[str]) -> RunExtension:
+    """Load and validate the forget set now (before any model is loaded); the extension passing it on.
+
+    Raises:
+        DataError: a bad row in the forget set.
+    """
+    forget = load_examples(forget_files)
+    info = {"files": [str(Path(f).resolve()) for f in forget.files], "sha256": forget.sha256}
+    return forget_extension(list(forget.examples), info)
+
+
 def forget_task(
     store: Store,
     task: str,
@@ -81,6 +92,9 @@ def forget_task(
 ) -> VersionRecord:
     """Train a forgetting adapter that removes ``forget_files``' knowledge while keeping ``retain_files``'.
 
+    The core of ``train_from_config(..., forget_data=...)`` (what ``cladapt forget`` calls, which
+    also wires evaluation and the gate); this one takes an arbitrary ``after_train`` hook.
+
     Args:
         after_train: as for :func:`train_task` (evaluation hooks), called before staging.
 
@@ -88,10 +102,9 @@ def forget_task(
         DataError: a bad row in either set (both are validated before any model is loaded).
         CladaptError: ``cfg.method`` is not a forgetting method.
     """
-    forget = load_examples(forget_files)
+    forget = forget_set_extension(forget_files)
     load_examples(retain_files)  # validate now: a bad retain row should not cost a model load
-    info = {"files": [str(Path(f).resolve()) for f in forget.files], "sha256": forget.sha256}
-    extensions = [*build_extensions(cfg, store), forget_extension(list(forget.examples), info)]
+    extensions = [*build_extensions(cfg, store), forget]
     return train_task(
         store,
         task,

@@ -1,4 +1,10 @@
-"""``train_task``: data -> trainer (+ method and plugins) -> one staged version -> commit.
+"""``train_from_config`` (one user action) and ``train_task`` (its core): data -> trainer -> commit.
+
+:func:`train_from_config` is what ``cladapt train``, ``cladapt forget`` and ``bench cl`` call: it
+wires everything the config and the registry ask for (ASD and GeRe replay extensions, the forget
+set, ``--eval-every`` curves, evaluation and the admission gate) around :func:`train_task`, so no
+caller can train a config without its data pipeline.
+
 
 The order: validate the data (before any model is loaded, so a bad row costs nothing), load the
 base model, encode, build the method and its plugins, fold earlier summed adapters into the
@@ -179,6 +185,83 @@ def _encoded_rows(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]
     return rows + ctx.rows_extra, stats
 
 
+#: scores a freshly trained version: (run context, PEFT model) -> the evaluation row
+#: (:class:`cladapt.train.history_eval.HistoryEvaluator` is the standard one)
+Evaluator = Callable[["RunContext", Any], dict[str, Any]]
+
+
+def train_from_config(
+    store: Store,
+    task: str,
+    data: list[str],
+    cfg: RunConfig,
+    *,
+    eval_data: list[str] | None = None,
+    forget_data: list[str] | None = None,
+    resume: bool = False,
+    loaded: tuple[Any, Any, BaseModelInfo] | None = None,
+    evaluator: Evaluator | None = None,
+    callbacks: list[Any] | None = None,
+) -> VersionRecord:
+    """Train ``task`` on ``data`` as ``cfg`` says and commit one version: the library's train action.
+
+    In order: the config's extensions (``asd``, then ``replay``), the forget set (forgetting
+    methods), the continual-eval plugin (``eval.every``); after training, evaluation and the
+    registry's gate policy (which sets the commit status; forgetting versions are evaluated as
+    configured but not gated, since losing a task is their purpose); then the commit. Nothing is
+    written to the registry unless the run finishes.
+
+    Args:
+        data: training files (a forgetting method's *retain* set).
+        eval_data: this task's held-out files, scored after training and recorded for later tasks.
+        forget_data: the rows to forget; required for, and only for, forgetting methods.
+        resume: continue an interrupted run of the same task, data and config.
+        loaded: an already-loaded ``(model, tokenizer, info)`` to reuse; left as it was given.
+        evaluator: replaces the evaluation built from ``cfg.eval`` (benchmarks score a fixed set of
+            tasks); its row is recorded and gated like the standard one.
+        callbacks: extra ``transformers.TrainerCallback`` objects (timers, curves).
+
+    Raises:
+        DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
+    """
+    from cladapt.train.continual import continual_extension
+    from cladapt.train.extensions import build_extensions
+    from cladapt.train.gate import load_policy, make_after_train, record_row
+
+    forgetting = METHODS.get(cfg.method.name).forgetting
+    extensions = build_extensions(cfg, store)
+    if forgetting or forget_data:
+        if not forgetting or not forget_data:
+            raise CladaptError(
+                f"method {cfg.method.name!r} {'needs' if forgetting else 'takes no'} forget data",
+                hint="`cladapt forget --forget F --retain R` trains forgetting methods; `cladapt train` the others",
+            )
+        from cladapt.train.forget import forget_set_extension
+
+        extensions.append(forget_set_extension(forget_data))
+    continual = continual_extension(store, cfg, task, eval_data)
+    if continual is not None:
+        extensions.append(continual)
+    after_train: Callable[[RunContext, Any], None] | None = None
+    if evaluator is None and not forgetting:
+        after_train = make_after_train(store, cfg, task, eval_data)
+    else:
+        if evaluator is None and (cfg.eval.on_history or eval_data):
+            from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
+
+            evaluator = HistoryEvaluator(store, cfg, task, eval_data, EvalOptions.from_config(cfg))
+        # a forgetting version is meant to lose a task: the gate's max_drop would reject every success
+        policy = None if forgetting else load_policy(store)
+        if evaluator is not None:
+            scorer = evaluator
+
+            def after_train(ctx: RunContext, peft_model: Any) -> None:
+                record_row(ctx, scorer(ctx, peft_model), policy, store)
+
+    return train_task(store, task, data, cfg, resume=resume, extensions=extensions, after_train=after_train,
+                      loaded=loaded, forgetting=forgetting, callbacks=callbacks)
+
+
 def train_task(
     store: Store,
     task: str,
@@ -192,15 +275,18 @@ def train_task(
     forgetting: bool = False,
     callbacks: list[Any] | None = None,
 ) -> VersionRecord:
-    """Train one task version and commit it to ``store``.
+    """Train one task version with exactly the given hooks and commit it to ``store``.
+
+    The core of :func:`train_from_config`, which applies the config's extensions, evaluation and
+    gate; call this directly only to compose those hooks differently (tests, timing benchmarks).
 
     Args:
         extensions: run extensions (ASD, replay) applied in order before encoding.
         after_train: called with (context, peft model) after training, before staging; evaluation
             uses it to score the new version and record metrics.
         loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
-        forgetting: True only for ``train.forget.forget_task``: forgetting methods (``forgetting``
-            capability) are trained there, every other method here.
+        forgetting: True only for a forgetting request (forget set in ``extensions``): forgetting
+            methods (``forgetting`` capability) are trained so, every other method without it.
         callbacks: extra ``transformers.TrainerCallback`` objects (benchmarks' step timers, curves).
 
     Raises:
@@ -238,7 +324,9 @@ def train_task(
     # methods that draw their own init (OWLoRA) get the same seed through TaskSpec.seed
     position = sequence_position(store, base)
     seed = init_seed(cfg.train.seed, task, position)
-    ctx.manifest_extra["train_stats"] = {"init_seed": seed, "sequence_position": position}
+    ctx.manifest_extra.setdefault("train_stats", {}).update(
+        init_seed=seed, sequence_position=position, train_rows=len(rows), extra_rows=len(ctx.rows_extra)
+    )
     torch.manual_seed(seed)
     # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
     # the manifest keeps the id the user gave

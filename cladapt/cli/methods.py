@@ -124,7 +124,7 @@ def forget_cmd(
     exactly zero. gslora.json records forget/retain CE and accuracy before and after.
     """
     from cladapt.config import load_config
-    from cladapt.train.forget import forget_task
+    from cladapt.train.run import train_from_config
 
     extra = [f"base_model={base_model}"] if base_model else []
     if seed is not None:
@@ -133,7 +133,8 @@ def forget_cmd(
         extra.append("method.prototypes=true")
     cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *extra])
     store = open_store(registry, create=True)
-    record = forget_task(store, task, [str(p) for p in forget], [str(p) for p in retain], cfg, resume=resume)
+    record = train_from_config(store, task, [str(p) for p in retain], cfg, forget_data=[str(p) for p in forget],
+                               resume=resume)
     if as_json:
         click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
         return

@@ -81,19 +81,12 @@ def train_cmd(
     continued with --resume.
     """
     from cladapt.config import load_config
-    from cladapt.train.continual import continual_extension
-    from cladapt.train.extensions import build_extensions
-    from cladapt.train.gate import make_after_train
-    from cladapt.train.run import train_task
+    from cladapt.train.run import train_from_config
 
     cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *_flag_overrides(**flags)])
     store = open_store(registry, create=True)
-    after = make_after_train(store, cfg, task, [str(p) for p in eval_data] or None)
-    continual = continual_extension(store, cfg, task, [str(p) for p in eval_data] or None)  # --eval-every
-    record = train_task(
-        store, task, [str(p) for p in data], cfg, resume=resume,
-        extensions=[*build_extensions(cfg, store), *([continual] if continual else [])], after_train=after,
-    )
+    record = train_from_config(store, task, [str(p) for p in data], cfg, eval_data=[str(p) for p in eval_data] or None,
+                               resume=resume)
     if as_json:
         click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
         return

@@ -135,7 +135,8 @@ def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
         parse_cell("seq-lora+gere-xx", Path("c4.jsonl"))
 
     data = _fake_benchmark(tmp_path / "clb")
-    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"plain general text number {i} about things"} for i in range(8)])
+    # the variants replay 128 texts (a record made from fewer is refused by the next task)
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"plain general text number {i} about things"} for i in range(130)])
     out = tmp_path / "results"
     run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "seq-lora+asd,inc-lora+gere-lf",
         "--replay-data", general, "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path,
@@ -145,10 +146,19 @@ def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
     assert cells["inc-lora+gere-lf"]["config"]["method"]["name"] == "inc-lora"
     from cladapt.registry.store import Store
 
+    # the variants' pipelines ran (not only their config was recorded): ASD's report, GeRe's record and
+    # replay rows trained beside the task rows
     asd_store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "seq-lora+asd")
-    assert asd_store.get("sentiment").manifest.config["asd"]["enabled"] is True
+    for task in ("sentiment", "topics"):
+        report = asd_store.read_json(asd_store.get(task).ref, "sidecars/asd.json")
+        assert report["converted"] == round(16 * 0.2) and report["generator"] == "none"
+        assert asd_store.get(task).manifest.train_stats["extra_rows"] == 0
     replay_store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "inc-lora+gere-lf")
-    assert replay_store.get("topics").manifest.config["replay"]["loss"] == "lf"
+    for task in ("sentiment", "topics"):
+        rec = replay_store.get(task)
+        usage = replay_store.read_json(rec.ref, "sidecars/gere.json")
+        assert usage["loss"] == "lf" and usage["n_replay"] == 128 and usage["observed"]["batches_with_replay"] >= 1
+        assert rec.manifest.train_stats["extra_rows"] == 128 and rec.manifest.train_stats["train_rows"] == 16 + 128
     bad = run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora+gere-tm",
               "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code != 0 and "--replay-data" in bad.output
