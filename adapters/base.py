@@ -44,6 +44,11 @@ class LoraSpec(BaseModel):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="module names that get a LoRA"
     )
+    target_scope: Literal["language_model", "all"] = Field(
+        "language_model",
+        description="vision-language bases: LoRA on the language model's modules only, or on every module named "
+        "in target_modules (vision tower and projector too); text models ignore it",
+    )
 
     @property
     def scaling(self) -> float:

@@ -156,17 +156,33 @@ def _cached_hash(kind: str, files: list[Path]) -> str:
 def fingerprint_folder(path: Path) -> tuple[str, str]:
     """(model fingerprint, tokenizer fingerprint) of a local model folder."""
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    config = [path / "config.json"]
+    # a vision-language base's image preprocessing is part of what the model sees
+    config = [path / "config.json"] + [p for p in (path / "preprocessor_config.json", path / "processor_config.json") if p.is_file()]
     tok_files = [p for p in path.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
     if not weights:
         raise ModelError(f"no weight files (*.safetensors) in {path}")
     return _cached_hash("model", weights + config)[:32], _cached_hash("tokenizer", tok_files or config)[:32]
 
 
+def _is_vision(resolved: Path | str) -> bool:
+    """Whether the base is a vision-language model (its config carries a ``vision_config``)."""
+    from transformers import AutoConfig
+
+    from cladapt.vision import is_vision_config
+
+    try:
+        return is_vision_config(AutoConfig.from_pretrained(resolved))
+    except (OSError, ValueError):
+        return False  # the causal-LM path below reports the problem
+
+
 def load(
     name_or_path: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BaseModelInfo]:
     """Load the base model and tokenizer and fingerprint them.
+
+    A vision-language base (``vision_config`` in its config) loads through the processor; its
+    tokenizer is then a :class:`cladapt.vision.VisionTokenizer` (module doc there).
 
     Returns:
         (model in eval mode, tokenizer with a pad token, info to record in manifests).
@@ -179,8 +195,13 @@ def load(
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+        if _is_vision(resolved):
+            from cladapt.vision import load_model
+
+            model, tokenizer = load_model(resolved, torch_dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolved)
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
     except OSError as exc:
         raise ModelError(
             f"cannot load base model {name_or_path!r}: {exc}",

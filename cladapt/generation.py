@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cladapt.vision import conversation_images, processor_of, prompt_batch
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,7 +23,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[list[dict[str, str]]],
+    conversations: Sequence[list[dict[str, Any]]],
     *,
     max_new_tokens: int = 50,
     batch_size: int = 16,
@@ -29,6 +31,8 @@ def generate(
     progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
     """Greedy answers to each conversation (a list of messages ending with a user turn).
+
+    On a vision-language base a message's ``images`` (paths) are shown to the model.
 
     Args:
         adapter_names: optional PEFT adapter name per row (mixed-adapter batches).
@@ -42,7 +46,13 @@ def generate(
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            if processor_of(tokenizer) is not None:  # a vision-language base: images through its processor
+                from transformers import BatchEncoding
+
+                images = [conversation_images(c) for c in conversations[start : start + batch_size]]
+                enc = BatchEncoding(prompt_batch(tokenizer, chunk, images)).to(model.device)
+            else:
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             kwargs: dict[str, Any] = {}
             if adapter_names is not None:
                 kwargs["adapter_names"] = list(adapter_names[start : start + batch_size])

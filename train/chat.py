@@ -14,7 +14,7 @@ message, or that whole message when the row has no separate input (chat rows, AS
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cladapt.errors import DataError, Issue
@@ -66,6 +66,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    #: more row keys for the collator (vision-language bases: image segments, token-aligned extras)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
@@ -125,6 +127,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, ex: Example, *, max_length: int, 
     Raises:
         ValueError: the example cannot fit (instruction and answer alone too long, or ``overlong="reject"``).
     """
+    from cladapt.vision import processor_of
+
+    if ex.images or processor_of(tokenizer) is not None:  # a vision-language row or base
+        from cladapt.train.vision_encode import encode_vision
+
+        return encode_vision(tokenizer, ex, max_length=max_length, overlong=overlong)
     ids, labels = _join(_pieces(tokenizer, _segments(tokenizer, ex.messages)))
     if len(ids) <= max_length:
         return Encoded(ids, labels, False)

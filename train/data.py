@@ -8,6 +8,10 @@ Parquet, or a folder written by ``datasets.Dataset.save_to_disk``. Accepted rows
 * chat rows ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` ending
   with an assistant message.
 
+Image rows (vision-language bases) add images by local path: content parts
+``{"type": "image", "image": PATH}`` in chat messages, or an ``image`` field on instruction rows
+(``cladapt.train.vision_data``); such a message carries ``images`` (absolute paths).
+
 Optional metadata fields (``task``, ``id``, ``source``, ``label``, ``meta``) are kept; any other
 field is an error, because a misspelt ``ouput`` would otherwise train on nothing.
 
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cladapt.errors import DataError, Issue
+from cladapt.train import vision_data
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ ROLES = ("system", "user", "assistant")
 class Example:
     """One validated training/evaluation example, with where it came from."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # {"role", "content": str} (+ "images": [abs paths] on image rows)
     file: str
     line: int
     meta: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +58,12 @@ class Example:
         return f"{self.file}:{self.line}"
 
     @property
-    def prompt_messages(self) -> list[dict[str, str]]:
+    def images(self) -> list[str]:
+        """Every image of the conversation, in order (empty for text rows)."""
+        return [p for m in self.messages for p in m.get("images") or ()]
+
+    @property
+    def prompt_messages(self) -> list[dict[str, Any]]:
         """Everything before the final assistant answer (what a model sees at inference)."""
         return self.messages[:-1]
 
@@ -159,14 +169,20 @@ def _check_str(rec: dict[str, Any], key: str, where: str, issues: list[Issue], *
     return value
 
 
-def _messages_from_chat(rec: dict[str, Any], where: str, issues: list[Issue]) -> list[dict[str, str]] | None:
+def _messages_from_chat(rec: dict[str, Any], where: str, issues: list[Issue]) -> list[dict[str, Any]] | None:
     msgs = rec["messages"]
     if not isinstance(msgs, list) or not msgs:
         issues.append(Issue(where, "field 'messages' must be a non-empty list"))
         return None
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for k, m in enumerate(msgs):
         at = f"{where}: messages[{k}]"
+        if vision_data.has_images(m) and set(m) <= {"role", "content", "images"} and m.get("role") in ROLES:
+            parsed = vision_data.parse_message(m, at, vision_data.base_dir(where.rsplit(":", 1)[0]), issues)
+            if parsed is None:
+                return None
+            out.append(parsed)
+            continue
         if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
             issues.append(Issue(at, "each message must be {'role': ..., 'content': ...}"))
             return None
@@ -201,8 +217,12 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example 
             issues.append(Issue(where, f"unknown field(s) {unknown} in a chat row"))
         msgs = _messages_from_chat(rec, where, issues)
         return Example(msgs, file, line, meta) if msgs and not unknown else None
-    unknown = sorted(set(rec) - {*INSTRUCTION_FIELDS, *META_FIELDS})
+    unknown = sorted(set(rec) - {*INSTRUCTION_FIELDS, *META_FIELDS, *vision_data.IMAGE_FIELDS})
     before = len(issues)
+    images = None
+    for key in vision_data.IMAGE_FIELDS:
+        if key in rec and rec[key] is not None:
+            images = (images or []) + (vision_data.image_list(rec[key], vision_data.base_dir(file), where, issues) or [])
     if unknown:
         issues.append(
             Issue(where, f"unknown field(s) {unknown}; rows use instruction/input/output or messages")
@@ -216,7 +236,10 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example 
         issues.append(Issue(where, "both 'instruction' and 'input' are empty or missing"))
     if len(issues) > before:
         return None
-    messages = [{"role": "user", "content": join_prompt(instruction, inp)}, {"role": "assistant", "content": output}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": join_prompt(instruction, inp)}]
+    if images:
+        messages[0]["images"] = images
+    messages.append({"role": "assistant", "content": output})
     return Example(messages, file, line, meta, input_text=inp)
 
 

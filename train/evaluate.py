@@ -34,6 +34,7 @@ from cladapt.generation import generate, render
 from cladapt.precision import autocast
 from cladapt.precision import resolve as resolve_precision
 from cladapt.train.data import Example, load_examples
+from cladapt.vision import processor_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -196,8 +197,15 @@ def label_logprobs(
       whole batch and the cache is cropped back (``1 + len(labels)`` passes per batch); used for
       attention kernels that take no custom mask (flash attention) and models without
       ``logits_to_keep``.
+
+    Vision-language bases score each row's labels in one unpacked pass (``cladapt.train.vision_eval``).
     """
     conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
+    if processor_of(tokenizer) is not None:  # a vision-language base: images and the model's own positions
+        from cladapt.train.vision_eval import vision_label_logprobs
+
+        prompts = [render(tokenizer, c) for c in conversations]
+        return vision_label_logprobs(model, tokenizer, prompts, conversations, conts, progress=progress)
     if packed is None:
         packed = _attn_implementation(model) in ("sdpa", "eager") and _takes(model, "logits_to_keep")
     old_side = tokenizer.padding_side

@@ -38,8 +38,10 @@ from cladapt.registry.refs import validate_task_name
 from cladapt.train.chat import encode_all
 from cladapt.train.data import Example, LoadedData, load_examples
 from cladapt.train.history import StoreHistory
-from cladapt.train.loop import CLTrainer, Collator
+from cladapt.train.loop import CLTrainer
 from cladapt.train.signatures import signature_sidecars
+from cladapt.train.vision_encode import collator_for
+from cladapt.vision import scope_targets
 
 if TYPE_CHECKING:
     from cladapt.config import RunConfig
@@ -181,7 +183,10 @@ def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
 def _encoded_rows(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     t = ctx.config.train
     encoded, stats = encode_all(ctx.tokenizer, ctx.examples, max_length=t.max_length, overlong=t.overlong)
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i} for i, e in enumerate(encoded)]
+    rows = [
+        {"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i, **e.extra}
+        for i, e in enumerate(encoded)
+    ]
     return rows + ctx.rows_extra, stats
 
 
@@ -330,8 +335,9 @@ def train_task(
     torch.manual_seed(seed)
     # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
     # the manifest keeps the id the user gave
-    peft_model = get_peft_model(model, method.lora_config(str(base.path)), adapter_name=TRAIN_ADAPTER)
-    collate = Collator(tokenizer.pad_token_id)
+    lora_config = scope_targets(method.lora_config(str(base.path)), model, cfg.lora.target_scope)
+    peft_model = get_peft_model(model, lora_config, adapter_name=TRAIN_ADAPTER)
+    collate = collator_for(tokenizer)
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
     spec = TaskSpec(name=task, rows=len(data.examples), seed=seed, dataloader=loader, extra=ctx.task_extra)
     plugins: list[TrainingPlugin] = [method, *ctx.plugins]
