@@ -1,0 +1,1 @@
+"""`cladapt serve` presets (package data): ``default.yaml`` holds the server's defaults."""

@@ -1,0 +1,241 @@
+"""Dynamic batching: requests that arrive within a short window are decoded together.
+
+One worker thread owns the model. It waits for a first request, then up to ``window`` seconds (or
+until ``max_batch_size`` requests are there) for others, routes the ``auto`` requests of the batch
+together (each row still routed on its own), makes sure their adapters are loaded, and decodes
+the whole batch in one loop with per-row adapters (:mod:`cladapt.serve.engine`).
+
+Admission is bounded: at most ``max_queue`` requests may be admitted and unfinished; one more
+gets :class:`QueueFull`, which the server answers with 503 and ``Retry-After`` instead of letting
+waits grow without bound. When a batch needs more distinct adapters than the cache holds, it is
+split: the requests that do not fit go back to the front of the queue, in order.
+
+Requests talk to the worker through a :class:`Sink` (thread-safe, bridged to asyncio by the app).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cladapt.errors import CladaptError
+from cladapt.serve.engine import Engine, Result, Row, Sampling
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(CladaptError):
+    """The server has ``max_queue`` unfinished requests already."""
+
+    http_status = 503
+
+
+class Sink(Protocol):
+    """Where one request's events go (called from the worker thread)."""
+
+    def started(self, job: Job) -> None: ...
+    def text(self, delta: str) -> None: ...
+    def done(self, result: Result) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+
+
+@dataclass
+class Job:
+    """One admitted request.
+
+    ``key`` is the cache key of its adapter (None: the base model); for ``auto`` requests the
+    planner fills ``key``, ``label`` and ``route`` before decoding.
+    """
+
+    model: str
+    prompt_ids: list[int]
+    prompt_text: str
+    sampling: Sampling
+    sink: Sink
+    stream: bool = False
+    key: str | None = None
+    label: str = "base"
+    route: dict[str, Any] | None = None
+    needs_route: bool = False
+    finished: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Planner(Protocol):
+    """What the batcher needs from the server: routing, capacity, loading."""
+
+    def route(self, jobs: Sequence[Job]) -> None:
+        """Fill key/label/route of ``auto`` jobs (raise per batch, or call ``job.sink.failed``)."""
+        ...
+
+    def room_for(self, keys: set[str]) -> bool: ...
+    def ensure(self, keys: Sequence[str]) -> list[str]: ...
+
+
+class Batcher:
+    """The queue and the worker thread that decodes batches."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        planner: Planner,
+        *,
+        max_batch_size: int = 8,
+        window_s: float = 0.01,
+        max_queue: int = 64,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.planner = planner
+        self.max_batch_size = max_batch_size
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self._observe = observe or (lambda _name, _value: None)
+        self._queue: deque[Job] = deque()
+        self._pending = 0  # admitted and not finished (queued + running)
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="cladapt-batcher", daemon=True)
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, job: Job) -> None:
+        """Admit ``job`` or raise :class:`QueueFull`."""
+        with self._cond:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if self._pending >= self.max_queue:
+                raise QueueFull(f"{self._pending} requests are in flight (max_queue {self.max_queue})")
+            self._pending += 1
+            self._queue.append(job)
+            self._observe("queue", self._pending)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` between batches (admin: load/unload adapters, reload) and return its value."""
+        with self.engine.lock:
+            return fn()
+
+    # ------------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            except Exception as exc:  # a bug must fail the batch's requests, not kill the server
+                logger.exception("batch failed")
+                for job in batch:
+                    self.fail(job, exc)
+
+    def _collect(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait()
+            if self._stop and not self._queue:
+                return None
+            deadline = self._queue[0].enqueued + self.window_s
+            while len(self._queue) < self.max_batch_size and not self._stop:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+
+    def _process(self, batch: list[Job]) -> None:
+        with self.engine.lock:
+            auto = [j for j in batch if j.needs_route]
+            if auto:
+                t0 = time.perf_counter()
+                try:
+                    self.planner.route(auto)
+                except Exception as exc:
+                    for job in auto:
+                        self.fail(job, exc)
+                    batch = [j for j in batch if not j.needs_route]
+                self._observe("route_seconds", (time.perf_counter() - t0) / max(len(auto), 1))
+            batch = [j for j in batch if not j.finished]
+            batch = self._fit_capacity(batch)
+            if not batch:
+                return
+            keys = sorted({j.key for j in batch if j.key is not None})
+            names = dict(zip(keys, self.planner.ensure(keys), strict=True))
+            rows = [self._row(job, names) for job in batch]
+            for job in batch:
+                job.sink.started(job)
+            self._observe("batch_size", len(rows))
+            try:
+                self.engine.run(rows)
+            except Exception as exc:
+                for job in batch:
+                    self.fail(job, exc)
+                raise
+
+    def _fit_capacity(self, batch: list[Job]) -> list[Job]:
+        """The longest prefix-respecting subset whose adapters fit the cache; the rest is re-queued."""
+        keep: list[Job] = []
+        later: list[Job] = []
+        keys: set[str] = set()
+        for job in batch:
+            wanted = keys | ({job.key} if job.key else set())
+            if not later and self.planner.room_for(wanted):
+                keep.append(job)
+                keys = wanted
+            else:
+                later.append(job)
+        if later:
+            with self._cond:
+                self._queue.extendleft(reversed(later))
+        return keep
+
+    def _row(self, job: Job, names: dict[str, str]) -> Row:
+        from cladapt.serve.engine import BASE
+
+        def done(result: Result) -> None:
+            self._finish(job)
+            self._observe("latency", time.perf_counter() - job.enqueued)
+            job.sink.done(result)
+
+        return Row(
+            prompt_ids=job.prompt_ids,
+            adapter=names[job.key] if job.key else BASE,
+            sampling=job.sampling,
+            on_done=done,
+            on_text=job.sink.text if job.stream else None,
+        )
+
+    def _finish(self, job: Job) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        with self._cond:
+            self._pending -= 1
+            self._observe("queue", self._pending)
+
+    def fail(self, job: Job, error: BaseException) -> None:
+        """Answer ``job`` with ``error`` (once) and release its admission slot."""
+        if job.finished:
+            return
+        self._finish(job)
+        job.sink.failed(error)

@@ -1,0 +1,232 @@
+"""The serving model and its one decoding loop: many requests, each with its own adapter, in one batch.
+
+Why a loop of its own instead of ``model.generate``: a served batch mixes requests that differ in
+everything ``generate`` takes once per call (temperature, top_p, seed, stop strings, max_tokens)
+and each finished row must be answered at once, with tokens streamed as they come. The loop is
+plain KV-cached decoding: left-padded prefill with explicit position ids, then one token per row
+and step. PEFT applies each row's adapter through ``adapter_names`` (``__base__`` for none), so
+rows with different adapters share every matmul of the base model. Rows that finish leave the batch
+(their KV-cache rows are dropped), so a short answer does not pay for a long one.
+
+Greedy rows (``temperature == 0``) take the argmax, so a request's tokens do not depend on what
+else is in its batch (fp32; a test checks it). A seeded sampled row draws from its own generator,
+so its answer does not depend on the batch either.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cladapt.generation import render
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's per-row name for "no adapter"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling settings (OpenAI's names)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+
+
+@dataclass
+class Row:
+    """One request inside a batch: its tokens, adapter and sampling, and where its output goes.
+
+    ``on_text`` receives text deltas as soon as they are final (never a partial stop string or
+    an incomplete UTF-8 character); ``on_done`` receives the result as soon as the row finishes.
+    Both are called from the engine thread.
+    """
+
+    prompt_ids: list[int]
+    adapter: str
+    sampling: Sampling
+    on_done: Callable[[Result], None]
+    on_text: Callable[[str], None] | None = None
+    # decoding state
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """The base model (plus loaded PEFT adapters), its tokenizer and the decoding loop.
+
+    Model mutations (load/delete adapter) and generation take ``lock``, so an adapter is never
+    deleted under a running batch.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_context: int | None = None) -> None:
+        self.model: Any = model
+        self.tokenizer = tokenizer
+        self.lock = threading.RLock()
+        self.loaded: set[str] = set()
+        cfg_ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_context = int(max_context or cfg_ctx)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(int(i) for i in ids)
+        self.device = next(model.parameters()).device
+        # transformers 5.x renames `past_key_values` to `cache`; use whichever this version takes
+        import inspect
+
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (the same text eval and training use)."""
+        return self.encode_text(render(self.tokenizer, messages))
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, folder: Path, name: str) -> None:
+        """Load a PEFT LoRA folder under ``name`` (the first one wraps the base model)."""
+        from peft import PeftModel
+
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+            self.model.eval()
+            self.loaded.add(name)
+
+    def delete_adapter(self, name: str) -> None:
+        with self.lock:
+            self.model.delete_adapter(name)
+            self.loaded.discard(name)
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence[Row]) -> None:
+        """Decode ``rows`` together until every one has finished (each is answered as it finishes)."""
+        with self.lock:
+            unknown = {r.adapter for r in rows} - self.loaded - {BASE}
+            if unknown:
+                raise RuntimeError(f"adapters not loaded: {sorted(unknown)}")
+            for row in rows:
+                if row.sampling.temperature > 0:
+                    seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
+                    row.generator = torch.Generator(device="cpu").manual_seed(seed)
+            self._decode(list(rows))
+
+    def _forward(self, live: list[Row], input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.loaded:  # without any adapter the model is not wrapped and rows are all base
+            kwargs["adapter_names"] = [r.adapter for r in live]
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: cache}, **kwargs,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _decode(self, live: list[Row]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in live)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(live, ids, mask, pos, cache)
+        while live:
+            nxt = self._sample(live, logits)
+            keep = [i for i, (row, tok) in enumerate(zip(live, nxt, strict=True)) if not self._advance(row, tok)]
+            if not keep:
+                return
+            if len(keep) < len(live):  # finished rows leave the batch and the KV cache
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, pos, nxt = mask[index], pos[index], [nxt[i] for i in keep]
+                live = [live[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            step = torch.tensor(nxt, device=self.device).unsqueeze(1)
+            logits = self._forward(live, step, mask, pos, cache)
+
+    def _sample(self, live: list[Row], logits: torch.Tensor) -> list[int]:
+        out = logits.argmax(-1).tolist()
+        for i, row in enumerate(live):
+            s = row.sampling
+            if s.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+                drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
+                sorted_p[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            out[i] = int(torch.multinomial(probs.cpu(), 1, generator=row.generator).item())
+        return out
+
+    def _advance(self, row: Row, token: int) -> bool:
+        """Append ``token`` to ``row``, stream what became final; True when the row is finished."""
+        s = row.sampling
+        if token in self.eos_ids:
+            return self._finish(row, self._text(row), "stop")
+        row.generated.append(token)
+        text = self._text(row)
+        for stop in s.stop:
+            at = text.find(stop)
+            if at >= 0:
+                return self._finish(row, text[:at], "stop")
+        if len(row.generated) >= s.max_tokens:
+            return self._finish(row, text, "length")
+        if row.on_text is not None:
+            safe = len(text)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+                safe = len(text.rstrip("\ufffd"))
+            for stop in s.stop:  # hold back a tail that may still become a stop string
+                for k in range(min(len(stop) - 1, safe), 0, -1):
+                    if text[:safe].endswith(stop[:k]):
+                        safe -= k
+                        break
+            if safe > row.emitted:
+                row.on_text(text[row.emitted : safe])
+                row.emitted = safe
+        return False
+
+    def _finish(self, row: Row, text: str, reason: str) -> bool:
+        if row.on_text is not None and len(text) > row.emitted:
+            row.on_text(text[row.emitted :])
+            row.emitted = len(text)
+        row.on_done(Result(text, len(row.prompt_ids), len(row.generated), reason))
+        return True
+
+    def _text(self, row: Row) -> str:
+        return str(self.tokenizer.decode(row.generated, skip_special_tokens=True))
