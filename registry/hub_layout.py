@@ -214,7 +214,7 @@ def parse_index(data: bytes, where: str) -> HubIndex:
         index = HubIndex.model_validate(json.loads(data))
     except ValueError as exc:  # JSON or pydantic
         detail = "; ".join(format_validation_error(exc)) if isinstance(exc, ValidationError) else str(exc)
-        raise IntegrityError(f"{where}: invalid {INDEX_FILE}: {detail}", hint="the repo was not pushed by cladapt, or was edited") from exc
+        raise IntegrityError(f"{where}: invalid {INDEX_FILE}: {detail}", hint="nothing was imported; the repo was not pushed by cladapt, or was edited") from exc
     problems = index.problems()
     if problems:
         raise IntegrityError(f"{where}: {INDEX_FILE} is unsafe or inconsistent:\n  - " + "\n  - ".join(problems),

@@ -15,6 +15,7 @@ def lora_files(base_path: Path, out: Path, *, seed: int, base_id: str = BASE_ID,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_path)
+    model.name_or_path = base_id  # what PEFT writes as base_model_name_or_path (else the local folder)
     config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                         base_model_name_or_path=base_id)
     peft_model = get_peft_model(model, config)
