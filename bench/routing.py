@@ -1,0 +1,262 @@
+"""Routing accuracy, latency and scale of cladapt's routers on the CL benchmark pack.
+
+Three measurements, each written to ``bench/results/routing*.json`` with machine, versions and command:
+
+``accuracy``  per request, per router, on the 5 standard tasks and on every long-sequence task
+              present in the pack (12 of the 15), with the instruction and on the input alone,
+              amazon and yelp apart and merged, with confusion matrices.
+              * Without ``--registry``, candidates are built from each task's training rows alone
+                (a signature per task: base-model and encoder spaces, no adapter), which is enough
+                for the feature routers (``dtkr`` in either space, any settings).
+              * With ``--registry`` (versions trained on the same tasks, e.g. a ``bench cl`` lora cell),
+                every router runs through a :class:`RoutingSession`, adapters included (``mos``, ``arrow``).
+``latency``   (needs ``--registry``) milliseconds per single request for each router, against a
+              32-token greedy generation with the routed adapter on the same model in the same run.
+``scale``     DTKR routing time per request with N synthetic tasks (keys only; query embedding apart).
+
+    python bench/routing.py accuracy --routers "dtkr,dtkr:groups=1:keys=1,dtkr:space=base"
+    python bench/routing.py accuracy --registry bench/work/order1-small/lora --routers dtkr,mos,arrow --sets standard
+    python bench/routing.py latency --registry REG --routers dtkr,mos,arrow
+    python bench/routing.py scale --tasks 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CLADAPT_SHARED", ROOT.parent / "shared")) / "data" / "cl-benchmark"
+STANDARD = ["agnews", "amazon", "dbpedia", "yahoo", "yelp"]
+
+
+def machine() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def parse_router(spec: str) -> tuple[str, str, list[str]]:
+    """``dtkr:groups=1:keys=1`` -> (label, router name, ["groups=1", "keys=1"])."""
+    name, *settings = spec.split(":")
+    return spec, name, settings
+
+
+def long_tasks(data_dir: Path) -> list[str]:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    present = {p.name for p in data_dir.iterdir() if (p / "test.jsonl").is_file()}
+    order = [t for t in manifest.get("orders", {}).get("long", []) if t in present]
+    return order or sorted(present)
+
+
+# ------------------------------------------------------------------ accuracy, signature-only candidates
+
+
+def signature_views(model: Any, tok: Any, encoder: Any, data_dir: Path, tasks: list[str], *, instruction: bool,
+                    rows: int, cache: dict[Any, Any]) -> list[Any]:
+    """One in-memory candidate per task: a signature of its training rows (base + encoder spaces)."""
+    from cladapt.features import Signature, hidden_embed, sample_indices
+    from cladapt.route_eval import benchmark_rows
+    from cladapt.serve.routers.base import TaskView
+
+    views = []
+    for task in tasks:
+        key = (task, instruction)
+        if key not in cache:
+            train = benchmark_rows(data_dir, [task], split="train", instruction=instruction)
+            keep = sample_indices(len(train), k=rows, seed=0)
+            texts = [train[i].text for i in keep]
+            labels = [train[i].example.answer for i in keep]  # type: ignore[union-attr]
+            base = hidden_embed(model, tok, texts)
+            enc = encoder.embed(texts) if encoder is not None else None
+            cache[key] = Signature(base=base, labels=labels, encoder=enc)
+            print(f"  signature {task} ({'instruction' if instruction else 'input'}): {len(texts)} rows", flush=True)
+        views.append(TaskView(ref=f"{task}@1", task=task, version=1, peft_name=f"{task}__v1", composition="route",
+                              lora={}, signature=cache[key]))
+    return views
+
+
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    from cladapt.base_model import load
+    from cladapt.features import FeatureExtractor, load_encoder
+    from cladapt.route_eval import benchmark_rows
+    from cladapt.serve.routers import ROUTERS, QueryBatch
+    from cladapt.serve.routers.accuracy import routing_accuracy
+    from cladapt.serve.routers.state import router_config
+
+    sets = {"standard": STANDARD, "long": long_tasks(args.data_dir)}
+    results: list[dict[str, Any]] = []
+    if args.registry is None:
+        model, tok, _ = load(args.base_model)
+        encoder = load_encoder()
+        feats = FeatureExtractor(model, tok, encoder=encoder, batch_size=32)
+        sig_cache: dict[Any, Any] = {}
+    for mode in args.modes.split(","):
+        instruction = mode == "instruction"
+        all_tasks = list(dict.fromkeys(t for s in args.sets.split(",") for t in sets[s]))
+        queries = benchmark_rows(args.data_dir, all_tasks, instruction=instruction, limit=args.test_rows)
+        if args.registry is None:
+            batch = QueryBatch([q.text for q in queries], feats)  # embeddings shared by every router and set
+        for set_name in args.sets.split(","):
+            tasks = sets[set_name]
+            idx = [i for i, q in enumerate(queries) if q.task in tasks]
+            for spec in args.routers.split(","):
+                label, name, settings = parse_router(spec)
+                cfg = router_config(name, settings)
+                started = time.perf_counter()
+                if args.registry is None:
+                    router = ROUTERS.get(name)(cfg)
+                    router.fit(signature_views(model, tok, encoder, args.data_dir, tasks, instruction=instruction,
+                                               rows=args.train_rows, cache=sig_cache))
+                    fitted = time.perf_counter()
+                    routes = router.route(_Rows(batch, idx))
+                else:
+                    routes, fitted = _session_routes(args, name, cfg, [queries[i] for i in idx])
+                elapsed = time.perf_counter() - fitted
+                acc = routing_accuracy([queries[i].task for i in idx], [r.task for r in routes])
+                results.append({"set": set_name, "mode": mode, "router": label, "config": cfg.model_dump(mode="json"),
+                                **acc.to_json(), "route_ms_per_request_incl_cached_embeddings": round(1000 * elapsed / len(idx), 3),
+                                "fit_seconds": round(fitted - started, 2)})
+                print(f"{set_name:8s} {mode:11s} {label:28s} acc {acc.accuracy:6.2f}  merged {acc.accuracy_merged:6.2f}",
+                      flush=True)
+    return {"benchmark": "routing-accuracy", "results": results}
+
+
+class _Rows:
+    """A view of some rows of a QueryBatch (its embedding cache is shared)."""
+
+    def __init__(self, batch: Any, rows: list[int]) -> None:
+        self.batch, self.rows = batch, rows
+        self.prompts = [batch.prompts[i] for i in rows]
+        self.task_ids = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def embed(self, space: str, *, adapter: str | None = None, rows: Any = None) -> Any:
+        sel = self.rows if rows is None else [self.rows[i] for i in rows]
+        return self.batch.embed(space, adapter=adapter, rows=sel)
+
+
+def _session_routes(args: argparse.Namespace, name: str, cfg: Any, rows: list[Any]) -> tuple[list[Any], float]:
+    from cladapt.registry.store import Store
+    from cladapt.route_eval import route_accuracy
+    from cladapt.serve.routers.session import RoutingSession
+
+    session = RoutingSession(Store.open(args.registry), name, config=cfg, base_model=args.registry_base_model)
+    fitted = time.perf_counter()
+    return route_accuracy(session, rows).routes, fitted
+
+
+# ------------------------------------------------------------------ latency and scale
+
+
+def latency(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
+    import torch
+
+    from cladapt.registry.store import Store
+    from cladapt.route_eval import benchmark_rows
+    from cladapt.serve.routers.session import RoutingSession
+    from cladapt.serve.routers.state import router_config
+
+    store = Store.open(args.registry)
+    out: list[dict[str, Any]] = []
+    for spec in args.routers.split(","):
+        label, name, settings = parse_router(spec)
+        session = RoutingSession(store, name, config=router_config(name, settings), base_model=args.registry_base_model,
+                                 device="cuda" if torch.cuda.is_available() else None)
+        tasks = sorted({v.task for v in session.router.tasks.values()})
+        queries = benchmark_rows(args.data_dir, tasks, limit=max(1, args.requests // len(tasks)))[: args.requests]
+        session.generate([queries[0].text], session.route([queries[0].text]), max_new_tokens=2)  # warm-up
+        route_s, gen_s = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            routes = session.route([q.text])
+            t1 = time.perf_counter()
+            session.generate([q.text], routes, max_new_tokens=32)
+            t2 = time.perf_counter()
+            route_s.append(t1 - t0)
+            gen_s.append(t2 - t1)
+        r, g = statistics.median(route_s), statistics.median(gen_s)
+        out.append({"router": label, "requests": len(queries), "route_ms_median": round(1000 * r, 2),
+                    "generate32_ms_median": round(1000 * g, 2), "overhead_pct": round(100 * r / g, 2)})
+        print(out[-1], flush=True)
+    return {"benchmark": "routing-latency", "results": out}
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from cladapt.serve.routers import QueryBatch
+    from cladapt.serve.routers.dtkr import DTKRConfig, DTKRRouter
+
+    class Fixed:
+        def __init__(self, vecs: torch.Tensor) -> None:
+            self.vecs = vecs
+
+        def spaces(self) -> frozenset[str]:
+            return frozenset({"encoder"})
+
+        def embed(self, space: str, texts: list[str], *, adapter: str | None = None) -> torch.Tensor:
+            return self.vecs[[int(t) for t in texts]]
+
+    gen = torch.Generator().manual_seed(0)
+    router = DTKRRouter(DTKRConfig())
+    keys = torch.nn.functional.normalize(torch.randn(args.tasks, 6, 4, 64, generator=gen), dim=-1)
+    for t in range(args.tasks):
+        router.tasks[f"t{t}@1"] = None  # type: ignore[assignment]
+        router.keys[f"t{t}@1"] = keys[t]
+    queries = torch.nn.functional.normalize(torch.randn(args.requests, 384, generator=gen), dim=-1)
+    feats = Fixed(queries)
+    router.route(QueryBatch(["0"], feats))  # warm-up
+    t0 = time.perf_counter()
+    for i in range(args.requests):
+        router.route(QueryBatch([str(i)], feats))
+    per = (time.perf_counter() - t0) / args.requests
+    res = {"tasks": args.tasks, "keys": args.tasks * 4, "requests": args.requests, "route_ms_per_request": round(1000 * per, 3)}
+    print(res, flush=True)
+    return {"benchmark": "routing-scale", "results": [res]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["accuracy", "latency", "scale"])
+    ap.add_argument("--data-dir", type=Path, default=DATA)
+    ap.add_argument("--registry", type=Path, default=None, help="versions trained on the tasks (mos, arrow, latency)")
+    ap.add_argument("--registry-base-model", default=None, help="override the base model recorded in the registry")
+    ap.add_argument("--base-model", default="smollm2-135m-instruct", help="base space of signature-only candidates")
+    ap.add_argument("--routers", default="dtkr", help="comma-separated router[:key=value...] specs")
+    ap.add_argument("--sets", default="standard,long", help="standard (5 tasks) and/or long (the pack's long sequence)")
+    ap.add_argument("--modes", default="instruction,input", help="instruction (as the benchmark) and/or input (alone)")
+    ap.add_argument("--train-rows", type=int, default=256, help="signature rows per task (signature-only candidates)")
+    ap.add_argument("--test-rows", type=int, default=200, help="test rows per task")
+    ap.add_argument("--requests", type=int, default=50, help="latency/scale: requests timed")
+    ap.add_argument("--tasks", type=int, default=1000, help="scale: synthetic tasks")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.what == "latency" and args.registry is None:
+        ap.error("latency needs --registry (versions trained on the benchmark's tasks)")
+    started = time.time()
+    result = {"accuracy": accuracy, "latency": latency, "scale": scale}[args.what](args)
+    result.update(command=" ".join(sys.argv), machine=machine(), seconds=round(time.time() - started, 1),
+                  args={k: str(v) for k, v in vars(args).items()})
+    out = args.out or ROOT / "bench" / "results" / f"routing_{args.what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
