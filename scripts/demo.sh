@@ -3,6 +3,7 @@
 #   1. write two small tasks (sentiment, topics) with held-out test rows
 #   2. train them in sequence (LoRA; the second run re-scores the first task: --eval-on-history)
 #   3. show each adapter answering its own task, the registry, the accuracy matrix and a report
+#   4. ask questions of both tasks with no task id: the router picks the adapter and shows why
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo-out}
@@ -39,4 +40,11 @@ cladapt registry verify "$REG"
 echo "== accuracy matrix"
 cladapt history --registry "$REG"
 cladapt report --registry "$REG" --out "$OUT/report"
+
+echo "== no task id: the router picks the adapter per question (DTKR keys from the training signatures)"
+cladapt generate --registry "$REG" --router dtkr --max-new-tokens 8 \
+    "What is the sentiment of the following review? Answer with one word: positive or negative.
+The battery died within a week and support never answered." \
+    "What is the topic of the following headline? Answer with one word: sports, business, science or world.
+Champions league final ends in a penalty shoot-out"
 echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/report/index.html"
