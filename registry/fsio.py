@@ -15,15 +15,71 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cladapt.errors import RegistryError
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 TMP_SUFFIX = ".tmp"
+CRASH_ENV = "CLADAPT_TEST_CRASH_AT"
+#: Added to every open of a file the registry writes or reads as state: a planted symlink makes
+#: the open fail (ELOOP) instead of redirecting the write outside the registry.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def crash_point(name: str) -> None:
+    """Test seam: SIGKILL this process at step ``name`` when ``CLADAPT_TEST_CRASH_AT`` says so.
+
+    The crash tests use it to prove that a kill at any step of a commit, status change or removal
+    loses nothing (the names are listed in :mod:`cladapt.registry.store`); never set it otherwise.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        logger.warning("%s=%s: killing this process on purpose", CRASH_ENV, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def refuse_symlinks(root: Path, path: Path) -> Path:
+    """Return ``path`` after checking that no component of it below ``root`` is a symbolic link.
+
+    Components that do not exist yet are fine (they will be created as real folders). The
+    registry root itself may be a link (``~/.cladapt -> /data/cladapt``); everything below it must
+    be real, because a planted link (``tasks/x -> /elsewhere``) would otherwise make the registry
+    read foreign files as its own and write outside itself.
+
+    Raises:
+        RegistryError: naming the link and where it points.
+    """
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            break
+        if stat.S_ISLNK(mode):
+            raise RegistryError(
+                f"refusing to use {current}: it is a symbolic link (to {os.readlink(current)!r}) inside the registry",
+                hint="the registry never follows links below its root; replace the link by the real file or folder",
+            )
+    return path
+
+
+def find_symlinks(root: Path) -> list[str]:
+    """Every symbolic link below ``root`` (not followed), as sorted relative POSIX paths."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in dirnames + filenames:
+            if (base / name).is_symlink():
+                found.append((base / name).relative_to(root).as_posix())
+    return sorted(found)
 
 
 def is_tmp_name(name: str) -> bool:
@@ -66,7 +122,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
     try:
-        with open(tmp, "xb") as fh:
+        # O_EXCL never follows a link at the temporary's name; os.replace then swaps the directory
+        # entry itself, so a link planted at ``path`` is replaced, never written through.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -119,22 +178,70 @@ def iter_files(root: Path) -> Iterator[Path]:
             yield (base / name).relative_to(root)
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line durably; repairs a torn last line left by a writer killed mid-append.
+def read_nofollow(path: Path) -> bytes:
+    """Read a whole file, refusing a symbolic link at ``path`` (RegistryError) instead of following it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise RegistryError(
+                f"refusing to read {path}: it is a symbolic link inside the registry",
+                hint="replace the link by the real file",
+            ) from exc
+        raise
+    with open(fd, "rb") as fh:
+        return fh.read()
 
-    The caller serialises appenders (the registry lock), so checking the last byte and writing is
-    not racy. ``O_APPEND`` makes each write land at the end even if a file is shared.
+
+def open_append(path: Path) -> int:
+    """Open ``path`` for appending (created if missing) without following a symlink; returns the fd."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise RegistryError(
+                f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)!r}) inside the registry",
+                hint="remove the link; the registry never writes through links",
+            ) from exc
+        raise
+
+
+def last_line(fd: int) -> tuple[bytes | None, int]:
+    """The last newline-terminated line of an open file (without its newline) and the offset just
+    after it, where a torn tail (if any) starts. ``(None, 0)`` when the file has no complete line."""
+    buf = b""
+    pos = os.fstat(fd).st_size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        buf = os.pread(fd, pos - start, start) + buf
+        pos = start
+        last_nl = buf.rfind(b"\n")
+        if last_nl < 0:
+            continue
+        prev_nl = buf.rfind(b"\n", 0, last_nl)
+        if prev_nl >= 0 or pos == 0:
+            return buf[prev_nl + 1 : last_nl], pos + last_nl + 1
+    return None, 0
+
+
+def append_line(path: Path, line: str, *, fd: int | None = None) -> None:
+    """Append one line durably; a torn last line left by a writer killed mid-append is cut off.
+
+    A torn tail is an event whose writer died before finishing it (the registry re-appends events
+    that matter from its own records, see :meth:`Store.open`), so it is truncated rather than kept
+    as a malformed line. The caller serialises appenders (the registry lock), so inspecting the
+    tail and writing is not racy. The open refuses a symlink at ``path``.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    own = fd is None
+    fd = open_append(path) if fd is None else fd
     try:
         size = os.fstat(fd).st_size
-        prefix = b""
-        if size:
-            with open(path, "rb") as fh:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":
-                    prefix = b"\n"
-        os.write(fd, prefix + line.encode("utf-8") + b"\n")
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            _, keep = last_line(fd)
+            logger.warning("%s: cutting a torn last line of %d byte(s) (a writer was killed mid-append)", path, size - keep)
+            os.ftruncate(fd, keep)
+        os.write(fd, line.encode("utf-8") + b"\n")
         os.fsync(fd)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)

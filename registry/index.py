@@ -1,10 +1,18 @@
-"""The SQLite index, ``<root>/index.sqlite``: a derived, rebuildable cache of manifests + statuses.
+"""The SQLite index, ``<root>/index.sqlite``: a derived, disposable cache of manifests + statuses.
 
 Listing 10,000 versions by opening 10,000 manifests would be slow, so every committed version is
 also a row here (task, version, status, method, composition, r, alpha, base fingerprint, created,
 parents, metrics and the manifest itself as JSON). The files under ``tasks/`` stay the source of
-truth: the index is rewritten per task from them, and is thrown away and rebuilt if it is missing,
-corrupt or of another schema.
+truth: the index is rewritten per task from them, and is thrown away and rebuilt whenever it is
+missing, a link, of another schema, damaged, or has a rollback journal next to it.
+
+**Never trusted.** Every row carries a checksum over its columns, checked on every read, and the
+rows of a task must be exactly the versions its ``tasks`` row says were indexed; a read that finds
+otherwise raises :class:`IndexCorrupt` (a ``sqlite3.DatabaseError``), and the store rebuilds the
+index from the manifests. Every index writer holds the registry lock, so a ``-journal`` file seen
+by a lock holder is always the leftover of a killed writer: SQLite would roll it back into whatever
+file now has the index's name, so such an index is rebuilt and the journal deleted, never replayed.
+Readers open the file read-only (``mode=ro``), so they can never replay a journal themselves.
 
 Staleness is detected cheaply by :meth:`Index.stale`: per task, the ``status.json`` generation and
 the set of ``v<N>`` directories the rows were built from, against a fresh directory scan. A commit
@@ -12,7 +20,7 @@ killed between its rename and its index update shows up there; :meth:`Index.rebu
 
 Every call opens its own short-lived connection: connections are then never shared between
 threads or forked processes, and SQLite's own locking (with a busy timeout) serialises readers
-against the single writer (which also holds the registry lock).
+against the single writer.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,45 +38,47 @@ from pathlib import Path
 from typing import Any
 
 from cladapt.errors import IntegrityError, RegistryError
-from cladapt.registry.fsio import is_tmp_name
+from cladapt.registry.fsio import crash_point, fsync_dir, is_tmp_name, sha256_bytes
 from cladapt.registry.manifest import (
     Manifest,
     Problem,
     TaskStatus,
     VersionRecord,
-    load_manifest,
     load_task_status,
     make_record,
+    read_manifest,
     save_task_status,
 )
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite"
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2
+#: Files SQLite keeps next to a database; any of them next to the index makes it untrusted.
+SIDECARS = ("-journal", "-wal", "-shm")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE tasks (task TEXT PRIMARY KEY, generation INTEGER NOT NULL, dirs TEXT NOT NULL);
+CREATE TABLE tasks (task TEXT PRIMARY KEY, generation INTEGER NOT NULL, dirs TEXT NOT NULL, skipped TEXT NOT NULL);
 CREATE TABLE versions (
     task TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL, method TEXT NOT NULL,
     composition TEXT NOT NULL, r INTEGER NOT NULL, alpha REAL NOT NULL, base_fingerprint TEXT NOT NULL,
     created TEXT NOT NULL, parents TEXT NOT NULL, metrics TEXT NOT NULL, manifest TEXT NOT NULL,
+    checksum TEXT NOT NULL,
     PRIMARY KEY (task, version)
 );
-CREATE INDEX versions_status ON versions (task, status);
-CREATE INDEX versions_base ON versions (base_fingerprint);
-CREATE TABLE parents (
-    child_task TEXT NOT NULL, child_version INTEGER NOT NULL, parent_task TEXT NOT NULL, parent_version INTEGER NOT NULL,
-    PRIMARY KEY (child_task, child_version, parent_task, parent_version)
-);
-CREATE INDEX parents_parent ON parents (parent_task, parent_version);
 """
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _TASK_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: Called for every repair: (action, ref, from, to, reason) -> appends an audit event.
 EventSink = Callable[[str, "str | None", Any, Any, str], None]
+#: Called with the audit events a task's status.json still owes the log (see TaskStatus.owed_audit).
+OwedSink = Callable[[list[dict[str, Any]]], None]
 _COLUMNS = "task, version, status, method, composition, r, alpha, base_fingerprint, created, parents, manifest"
+
+
+class IndexCorrupt(sqlite3.DatabaseError):
+    """The index contradicts itself (a row's checksum, or rows vs. the versions indexed)."""
 
 
 class Index:
@@ -77,10 +88,20 @@ class Index:
         self.path = Path(path)
         self.tasks_dir = Path(tasks_dir)
 
+    def _sidecars(self) -> list[Path]:
+        return [Path(f"{self.path}{suffix}") for suffix in SIDECARS]
+
+    def has_sidecars(self) -> bool:
+        """True when a journal (a writer's, live or killed) or WAL file sits next to the index."""
+        return any(os.path.lexists(p) for p in self._sidecars())
+
     @contextmanager
     def _connect(self, *, write: bool = False, create: bool = False) -> Iterator[sqlite3.Connection]:
-        # mode=rw: a deleted index raises instead of silently becoming a new empty database.
-        mode = "rwc" if create else "rw"
+        # Readers: mode=ro, so no reader ever replays a journal into the file. Writers (lock
+        # holders): mode=rw, and a journal or a link found now is a killed writer's leftover.
+        if write:
+            self._check_writable()
+        mode = "rwc" if create else "rw" if write else "ro"
         conn = sqlite3.connect(f"{self.path.as_uri()}?mode={mode}", uri=True, timeout=60.0, isolation_level=None)
         try:
             if write:
@@ -96,21 +117,34 @@ class Index:
         finally:
             conn.close()
 
+    def _check_writable(self) -> None:
+        if self.path.is_symlink():
+            raise IndexCorrupt(f"{self.path} is a symbolic link")
+        leftovers = [p.name for p in self._sidecars() if os.path.lexists(p)]
+        if leftovers:
+            raise IndexCorrupt(f"{self.path.name} has leftover {leftovers} of a killed writer")
+
     # ---------------------------------------------------------------- schema
 
     def usable(self) -> bool:
-        """True when the index file exists, is a SQLite database and has this schema version.
+        """True when the index is a regular file with this schema and nothing next to it.
 
-        Opened read-only, so checking never creates or alters the file.
+        A ``-journal`` (or WAL) file makes it unusable: under the lock it can only be a killed
+        writer's. Without the lock it may be a live writer's: the caller then takes the lock and
+        asks again. Opened read-only, so checking never creates or alters anything.
         """
-        if not self.path.is_file():
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(mode):
+            logger.warning("%s is not a regular file (a link?); the index will be rebuilt", self.path)
+            return False
+        if self.has_sidecars():
             return False
         try:
-            conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=60.0)
-            try:
+            with self._connect() as conn:
                 row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            finally:
-                conn.close()
         except sqlite3.DatabaseError as exc:
             logger.warning("%s: unreadable index (%s); it will be rebuilt from the manifests", self.path, exc)
             return False
@@ -119,12 +153,13 @@ class Index:
             return False
         return True
 
-    def rebuild_all(self, on_event: EventSink) -> list[Problem]:
+    def rebuild_all(self, on_event: EventSink, on_owed: OwedSink) -> list[Problem]:
         """Build a complete new index from every task on disk in a temporary file, then swap it in.
 
         Readers never take the registry lock, so the index must never be visible half-built:
-        ``os.replace`` switches them from the old file to the finished one in one step. The
-        caller holds the lock.
+        ``os.replace`` switches them from the old file to the finished one in one step. Only then
+        is a leftover journal deleted (before that, a read-only reader meeting it fails and waits
+        for the lock; nobody replays it). The caller holds the lock.
         """
         for orphan in self.path.parent.glob(f".{self.path.name}.*.tmp*"):  # from a rebuild that was killed
             orphan.unlink(missing_ok=True)
@@ -132,18 +167,21 @@ class Index:
         try:
             fresh.reset()
             previous = self if self.usable() else None
-            problems = fresh.rebuild(disk_tasks(self.tasks_dir), on_event, previous=previous)
+            problems = fresh.rebuild(disk_tasks(self.tasks_dir), on_event, on_owed, previous=previous)
             os.replace(fresh.path, self.path)
+            for sidecar in self._sidecars():
+                sidecar.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
         finally:
-            fresh.path.unlink(missing_ok=True)
-            Path(f"{fresh.path}-journal").unlink(missing_ok=True)
+            for leftover in [fresh.path, *fresh._sidecars()]:
+                leftover.unlink(missing_ok=True)
         return problems
 
     def reset(self) -> None:
         """Delete and recreate an empty index. Only for a file no reader can see yet (a new
         registry, or the temporary file of :meth:`rebuild_all`)."""
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        for path in [self.path, *self._sidecars()]:
+            path.unlink(missing_ok=True)
         with self._connect(write=True, create=True) as conn:
             for statement in _SCHEMA.strip().split(";"):
                 if statement.strip():
@@ -152,21 +190,21 @@ class Index:
 
     # ---------------------------------------------------------------- writes
 
-    def replace_tasks(self, tasks: dict[str, tuple[int, frozenset[int], list[VersionRecord]]]) -> None:
+    def replace_tasks(self, tasks: dict[str, tuple[int, frozenset[int], list[VersionRecord], dict[int, str]]]) -> None:
         """Replace every row of each given task in one transaction.
 
-        ``tasks`` maps task -> (status.json generation, version dirs on disk, records). ``dirs``
-        may include versions whose manifest is unreadable (they get no row but must not make the
-        index look stale forever). A generation below 0 drops the task (gone from disk).
+        ``tasks`` maps task -> (status.json generation, version dirs on disk, records, skipped).
+        ``dirs`` may include versions whose manifest is unreadable: they get no row but are listed
+        in ``skipped`` (version -> why), so the index does not look stale forever and the listing
+        can say what it leaves out. A generation below 0 drops the task (gone from disk).
         """
         with self._connect(write=True) as conn:
-            for task, (generation, dirs, records) in tasks.items():
+            for task, (generation, dirs, records, skipped) in tasks.items():
                 conn.execute("DELETE FROM versions WHERE task=?", (task,))
-                conn.execute("DELETE FROM parents WHERE child_task=?", (task,))
                 if generation < 0:
                     conn.execute("DELETE FROM tasks WHERE task=?", (task,))
                     continue
-                self._set_task(conn, task, generation, dirs)
+                self._set_task(conn, task, generation, dirs, skipped)
                 for rec in records:
                     self._insert(conn, rec)
 
@@ -179,46 +217,60 @@ class Index:
         upsert: Iterable[VersionRecord] = (),
         statuses: dict[int, str] | None = None,
         delete: Iterable[int] = (),
+        crash: str | None = None,
     ) -> None:
-        """Apply one commit / status change / removal to a task's rows in one transaction."""
+        """Apply one commit / status change / removal to a task's rows in one transaction.
+
+        ``crash`` names the test crash point fired inside the transaction (before COMMIT).
+        """
         with self._connect(write=True) as conn:
-            self._set_task(conn, task, generation, dirs)
+            row = conn.execute("SELECT skipped FROM tasks WHERE task=?", (task,)).fetchone()
+            skipped = {int(v): str(w) for v, w in json.loads(row[0]).items()} if row else {}
+            self._set_task(conn, task, generation, dirs, {v: w for v, w in skipped.items() if v in dirs})
             for version in delete:
                 conn.execute("DELETE FROM versions WHERE task=? AND version=?", (task, version))
-                conn.execute("DELETE FROM parents WHERE child_task=? AND child_version=?", (task, version))
             for rec in upsert:
                 self._insert(conn, rec)
             for version, status in (statuses or {}).items():
-                conn.execute("UPDATE versions SET status=? WHERE task=? AND version=?", (status, task, version))
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM versions WHERE task=? AND version=?", (task, version)).fetchall()
+                for old in rows:
+                    self._insert(conn, self._record(old, check=True), status=status)
+            if crash:
+                crash_point(crash)
 
     @staticmethod
-    def _set_task(conn: sqlite3.Connection, task: str, generation: int, dirs: frozenset[int]) -> None:
+    def _set_task(conn: sqlite3.Connection, task: str, generation: int, dirs: frozenset[int], skipped: dict[int, str]) -> None:
         conn.execute(
-            "INSERT OR REPLACE INTO tasks (task, generation, dirs) VALUES (?, ?, ?)",
-            (task, generation, json.dumps(sorted(dirs))),
+            "INSERT OR REPLACE INTO tasks (task, generation, dirs, skipped) VALUES (?, ?, ?, ?)",
+            (task, generation, json.dumps(sorted(dirs)), json.dumps({str(v): w for v, w in sorted(skipped.items())})),
         )
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, rec: VersionRecord) -> None:
-        conn.execute("DELETE FROM parents WHERE child_task=? AND child_version=?", (rec.task, rec.version))
+    def _insert(conn: sqlite3.Connection, rec: VersionRecord, *, status: str | None = None) -> None:
+        row = _row(rec, status)
         conn.execute(
             "INSERT OR REPLACE INTO versions (task, version, status, method, composition, r, alpha, base_fingerprint,"
-            " created, parents, metrics, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            _row(rec),
-        )
-        conn.executemany(
-            "INSERT OR IGNORE INTO parents VALUES (?, ?, ?, ?)",
-            [(rec.task, rec.version, *_split_ref(p)) for p in rec.parents],
+            " created, parents, manifest, metrics, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row, json.dumps(rec.manifest.metrics, default=str), _row_checksum(row)),
         )
 
     # ---------------------------------------------------------------- reads
 
     def state(self, task: str | None = None) -> dict[str, tuple[int, frozenset[int]]]:
         """task -> (status.json generation, version dirs) as of the last index update."""
+        return {t: (g, d) for t, (g, d, _) in self._tasks(task).items()}
+
+    def _tasks(self, task: str | None = None) -> dict[str, tuple[int, frozenset[int], dict[int, str]]]:
         where, args = ("WHERE task=?", (task,)) if task is not None else ("", ())
         with self._connect() as conn:
-            rows = conn.execute(f"SELECT task, generation, dirs FROM tasks {where}", args).fetchall()
-        return {str(t): (int(g), frozenset(int(v) for v in json.loads(d))) for t, g, d in rows}
+            rows = conn.execute(f"SELECT task, generation, dirs, skipped FROM tasks {where}", args).fetchall()
+        try:
+            return {
+                str(t): (int(g), frozenset(int(v) for v in json.loads(d)), {int(v): str(w) for v, w in json.loads(s).items()})
+                for t, g, d, s in rows
+            }
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise IndexCorrupt(f"damaged task row in {self.path.name} ({exc})") from exc
 
     def records(
         self,
@@ -230,58 +282,68 @@ class Index:
     ) -> list[VersionRecord]:
         """Rows as records, ordered by task then version, filtered by task, version and status.
 
-        ``newest`` returns only the highest version matching (without parsing the others).
+        Every row's checksum is checked, and (without ``version``) the rows of each task must be
+        exactly the versions its task row says were indexed; otherwise :class:`IndexCorrupt`.
+        Status filtering happens after the check, so a damaged status can never hide a row.
+        ``newest`` returns only the highest version matching.
         """
-        clauses: list[str] = []
-        args: list[object] = []
-        if task is not None:
-            clauses.append("task=?")
-            args.append(task)
-        if version is not None:
-            clauses.append("version=?")
-            args.append(version)
-        if statuses is not None:
-            wanted = list(statuses)
-            clauses.append(f"status IN ({', '.join('?' * len(wanted))})")
-            args += wanted
+        clauses, args = [], []
+        for column, value in (("task", task), ("version", version)):
+            if value is not None:
+                clauses.append(f"{column}=?")
+                args.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._connect() as conn:
-            order = "ORDER BY version DESC LIMIT 1" if newest else "ORDER BY task, version"
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM versions {where} {order}", args).fetchall()
-        return [self._record(row) for row in rows]
+            rows = conn.execute(f"SELECT {_COLUMNS}, checksum FROM versions {where} ORDER BY task, version", args).fetchall()
+        records = [self._record(row[:-1], check=True, checksum=row[-1]) for row in rows]
+        if version is None:
+            self._check_complete(task, records)
+        if statuses is not None:
+            wanted = set(statuses)
+            records = [r for r in records if r.status in wanted]
+        return records[-1:] if newest else records
+
+    def _check_complete(self, task: str | None, records: list[VersionRecord]) -> None:
+        expected = {(t, v) for t, (_, dirs, skipped) in self._tasks(task).items() for v in dirs - skipped.keys()}
+        found = {(r.task, r.version) for r in records}
+        if found != expected:
+            odd = sorted(found ^ expected)[:5]
+            raise IndexCorrupt(f"the index rows do not match the versions it indexed ({odd})")
 
     def tasks(self) -> list[str]:
-        """Tasks that have at least one version."""
-        with self._connect() as conn:
-            return [row[0] for row in conn.execute("SELECT DISTINCT task FROM versions ORDER BY task")]
+        """Tasks that have at least one (listed) version."""
+        return sorted(t for t, (_, dirs, skipped) in self._tasks().items() if dirs - skipped.keys())
+
+    def skipped(self, task: str | None = None) -> list[Problem]:
+        """Versions on disk that have no row (unreadable or newer manifest), with the reason."""
+        return [Problem(f"{t}@{v}", why) for t, (_, _, sk) in sorted(self._tasks(task).items()) for v, why in sorted(sk.items())]
 
     def dependants(self, task: str, version: int) -> list[str]:
         """Refs of versions that list ``task@version`` among their parents."""
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT child_task, child_version FROM parents WHERE parent_task=? AND parent_version=?"
-                " ORDER BY child_task, child_version",
-                (task, version),
-            ).fetchall()
-        return [f"{t}@{v}" for t, v in rows]
+        ref = f"{task}@{version}"
+        return [str(rec.ref) for rec in self.records() if ref in rec.parents]
 
-    def _record(self, row: tuple[object, ...]) -> VersionRecord:
+    def _record(self, row: tuple[object, ...], *, check: bool = False, checksum: object = None) -> VersionRecord:
+        if checksum is not None and checksum != _row_checksum(row):
+            raise IndexCorrupt(f"index row {row[0]}@{row[1]} does not match its checksum")
         task, version, status, method, composition, r, alpha, base_fp, created, parents, manifest = row
-        return VersionRecord(
-            task=str(task),
-            version=int(version),  # type: ignore[call-overload]
-            status=str(status),
-            method=str(method),
-            composition=str(composition),
-            r=int(r),  # type: ignore[call-overload]
-            alpha=float(alpha),  # type: ignore[arg-type]
-            base_fingerprint=str(base_fp),
-            created=str(created),
-            parents=tuple(json.loads(str(parents))),
-            path=Path(f"{self.tasks_dir}/{task}/v{version}"),  # one parse, not two joins: list() is hot
-            manifest=Manifest.model_validate_json(str(manifest)),
-        )
-
+        try:
+            return VersionRecord(
+                task=str(task),
+                version=int(version),  # type: ignore[call-overload]
+                status=str(status),
+                method=str(method),
+                composition=str(composition),
+                r=int(r),  # type: ignore[call-overload]
+                alpha=float(alpha),  # type: ignore[arg-type]
+                base_fingerprint=str(base_fp),
+                created=str(created),
+                parents=tuple(json.loads(str(parents))),
+                path=Path(f"{self.tasks_dir}/{task}/v{version}"),  # one parse, not two joins: list() is hot
+                manifest=Manifest.model_validate_json(str(manifest)),
+            )
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise IndexCorrupt(f"index row {task}@{version} is unreadable ({str(exc).splitlines()[0]})") from exc
 
     # ---------------------------------------------------------------- rebuilding from disk
 
@@ -290,45 +352,60 @@ class Index:
         disk, indexed = disk_state(self.tasks_dir, task), self.state(task)
         return {t for t in disk.keys() | indexed.keys() if disk.get(t) != indexed.get(t)}
 
-    def rebuild(self, tasks: Iterable[str], on_event: EventSink, *, previous: Index | None = None) -> list[Problem]:
+    def rebuild(
+        self, tasks: Iterable[str], on_event: EventSink, on_owed: OwedSink, *, previous: Index | None = None
+    ) -> list[Problem]:
         """Rebuild the rows of ``tasks`` from their manifests, repairing ``status.json`` on the way.
 
         The caller must hold the registry lock. Repairs, each reported to ``on_event``:
         a version directory without a status (a commit killed after its rename) becomes
         ``candidate``, never silently ``active``; a status without a directory (a remove killed
         after its rename) is dropped; an unreadable ``status.json`` is rebuilt from the index.
-        Versions whose manifest is unreadable get no row and are returned as problems.
+        Audit events the status file still owes go to ``on_owed``. Versions whose manifest is
+        unreadable, newer, misplaced or differs from its recorded sha256 get no row: they are
+        recorded as skipped and returned as problems.
         ``previous`` is the index whose statuses rebuild an unreadable ``status.json`` (default: self).
         """
         problems: list[Problem] = []
-        batch: dict[str, tuple[int, frozenset[int], list[VersionRecord]]] = {}
+        batch: dict[str, tuple[int, frozenset[int], list[VersionRecord], dict[int, str]]] = {}
         for task in sorted(set(tasks)):
             task_dir = self.tasks_dir / task
-            if not task_dir.is_dir():
-                batch[task] = (-1, frozenset(), [])
+            if task_dir.is_symlink() or not task_dir.is_dir():
+                batch[task] = (-1, frozenset(), [], {})
                 continue
             for leftover in task_dir.iterdir():  # temporaries of a writer killed mid-write
                 if is_tmp_name(leftover.name):
                     leftover.unlink(missing_ok=True)
             status, changed = self._load_or_rebuild_status(task, problems, on_event, previous or self)
+            if status.owed_audit:
+                on_owed(status.owed_audit)
+                status.owed_audit = []
+                changed = True
             dirs = version_dirs(task_dir)
-            records = []
+            records, skipped = [], {}
             for version in sorted(dirs):
-                manifest = load_checked_manifest(task_dir, version, problems)
                 if version not in status.versions:
                     status.versions[version] = "candidate"
                     changed = True
                     on_event("recover", f"{task}@{version}", None, "candidate", "version found without a status")
-                if manifest is not None:
-                    records.append(make_record(manifest, status.versions[version], task_dir / f"v{version}"))
+                found = load_checked_manifest(task_dir, version, problems, status.manifests.get(version))
+                if found is None:
+                    skipped[version] = problems[-1].message
+                    continue
+                manifest, digest = found
+                if version not in status.manifests:  # written before manifests were hashed, or recovered
+                    status.manifests[version] = digest
+                    changed = True
+                records.append(make_record(manifest, status.versions[version], task_dir / f"v{version}"))
             for version in sorted(set(status.versions) - dirs):
                 on_event("recover", f"{task}@{version}", status.versions.pop(version), None, "status without a version")
+                status.manifests.pop(version, None)
                 changed = True
             status.last_version = max([status.last_version, *dirs])
             if changed:
                 status.generation += 1
                 save_task_status(task_dir / "status.json", status)
-            batch[task] = (status.generation, dirs, records)
+            batch[task] = (status.generation, dirs, records, skipped)
         self.replace_tasks(batch)
         return problems
 
@@ -339,8 +416,11 @@ class Index:
             return load_task_status(self.tasks_dir / task / "status.json"), False
         except IntegrityError as exc:
             problems.append(Problem(f"{task}/status.json", exc.message))
-            known = {rec.version: rec.status for rec in previous.records(task)} if previous else {}
-            generation = previous.state(task).get(task, (0, frozenset()))[0] + 1 if previous else 1
+            try:
+                known = {rec.version: rec.status for rec in previous.records(task)} if previous else {}
+                generation = previous.state(task).get(task, (0, frozenset()))[0] + 1 if previous else 1
+            except sqlite3.DatabaseError:
+                known, generation = {}, 1
             on_event("recover", task, None, None, "status.json was unreadable; rebuilt from the index")
             return TaskStatus(generation=max(generation, 1), versions=known), True
 
@@ -350,22 +430,29 @@ class Index:
         indexed = {(rec.task, rec.version): rec for rec in self.records()}
         seen: set[tuple[str, int]] = set()
         for entry in sorted(os.scandir(self.tasks_dir), key=lambda e: e.name):
+            if entry.is_symlink():
+                problems.append(Problem(f"tasks/{entry.name}", "is a symbolic link (refused; not a task)"))
+                continue
             if not _TASK_DIR.fullmatch(entry.name) or not entry.is_dir():
                 problems.append(Problem(f"tasks/{entry.name}", "not a valid task folder"))
                 continue
-            statuses = load_task_status(Path(entry.path) / "status.json").versions
-            if sum(s == "active" for s in statuses.values()) > 1:
+            try:
+                status = load_task_status(Path(entry.path) / "status.json")
+            except IntegrityError as exc:
+                problems.append(Problem(f"{entry.name}/status.json", exc.message))
+                continue
+            if sum(s == "active" for s in status.versions.values()) > 1:
                 problems.append(Problem(entry.name, "more than one active version"))
             for version in sorted(version_dirs(Path(entry.path))):
                 seen.add((entry.name, version))
-                manifest = load_checked_manifest(Path(entry.path), version, problems)
-                if manifest is None:
+                found = load_checked_manifest(Path(entry.path), version, problems, status.manifests.get(version))
+                if found is None:
                     continue
-                expected = make_record(manifest, statuses.get(version, "?"), Path(entry.path) / f"v{version}")
+                expected = make_record(found[0], status.versions.get(version, "?"), Path(entry.path) / f"v{version}")
                 rec = indexed.get((entry.name, version))
                 if rec is None:
                     problems.append(Problem(str(expected.ref), "missing from the index (run verify --reindex)"))
-                elif rec != expected or rec.manifest != manifest:
+                elif rec != expected or rec.manifest != found[0]:
                     problems.append(Problem(str(expected.ref), "index row differs from the manifest (run verify --reindex)"))
         problems += [Problem(f"{t}@{v}", "indexed but its folder is missing") for (t, v) in sorted(indexed.keys() - seen)]
         return problems
@@ -379,7 +466,7 @@ def version_dirs(task_dir: Path) -> frozenset[int]:
     """Version numbers of the ``v<N>`` folders of a task (symlinks are not versions)."""
     try:
         entries = list(os.scandir(task_dir))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return frozenset()
     return frozenset(
         int(m.group(1)) for e in entries if (m := _VERSION_DIR.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
@@ -387,47 +474,59 @@ def version_dirs(task_dir: Path) -> frozenset[int]:
 
 
 def disk_tasks(tasks_dir: Path) -> list[str]:
-    """Task folders under ``tasks/`` (with valid names)."""
+    """Task folders under ``tasks/`` (valid names, real folders: a link is never adopted as a task)."""
     try:
-        return sorted(e.name for e in os.scandir(tasks_dir) if _TASK_DIR.fullmatch(e.name) and e.is_dir())
+        return sorted(e.name for e in os.scandir(tasks_dir) if _TASK_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return []
 
 
 def disk_state(tasks_dir: Path, task: str | None = None) -> dict[str, tuple[int, frozenset[int]]]:
-    """task -> (status.json generation, version dirs), read from disk; -2 marks an unreadable status."""
+    """task -> (status.json generation, version dirs), read from disk.
+
+    -2 marks an unreadable status and -3 one that still owes audit events: neither ever equals the
+    index, which forces a repair under the lock.
+    """
     state: dict[str, tuple[int, frozenset[int]]] = {}
     for name in [task] if task is not None else disk_tasks(tasks_dir):
         task_dir = tasks_dir / name
-        if not task_dir.is_dir():
+        if task_dir.is_symlink() or not task_dir.is_dir():
             continue
         try:
-            generation = load_task_status(task_dir / "status.json").generation
+            status = load_task_status(task_dir / "status.json")
+            generation = -3 if status.owed_audit else status.generation
         except IntegrityError:
-            generation = -2  # never equal to the index: forces a repair
+            generation = -2
         state[name] = (generation, version_dirs(task_dir))
     return state
 
 
-def load_checked_manifest(task_dir: Path, version: int, problems: list[Problem]) -> Manifest | None:
-    """The manifest of ``task_dir/v<version>``, or None (with a problem) if unreadable or misplaced."""
+def load_checked_manifest(
+    task_dir: Path, version: int, problems: list[Problem], expected_sha256: str | None = None
+) -> tuple[Manifest, str] | None:
+    """The manifest of ``task_dir/v<version>`` and its sha256, or None (with a problem) if it is
+    unreadable, newer than this cladapt, misplaced, or differs from ``expected_sha256``."""
     where = f"{task_dir.name}@{version}"
     try:
-        manifest = load_manifest(task_dir / f"v{version}" / "manifest.json")
+        manifest, digest = read_manifest(task_dir / f"v{version}" / "manifest.json")
     except RegistryError as exc:
         problems.append(Problem(where, exc.message))
+        return None
+    if expected_sha256 is not None and digest != expected_sha256:
+        problems.append(Problem(where, "manifest.json does not match the sha256 recorded in status.json (damaged or edited)"))
         return None
     if (manifest.task, manifest.version) != (task_dir.name, version):
         problems.append(Problem(where, f"manifest says {manifest.task}@{manifest.version}"))
         return None
-    return manifest
+    return manifest, digest
 
 
-def _row(rec: VersionRecord) -> tuple[object, ...]:
+def _row(rec: VersionRecord, status: str | None = None) -> tuple[object, ...]:
+    """The values of ``_COLUMNS`` for one record."""
     return (
         rec.task,
         rec.version,
-        rec.status,
+        status or rec.status,
         rec.method,
         rec.composition,
         rec.r,
@@ -435,11 +534,11 @@ def _row(rec: VersionRecord) -> tuple[object, ...]:
         rec.base_fingerprint,
         rec.created,
         json.dumps(list(rec.parents)),
-        json.dumps(rec.manifest.metrics, default=str),
         rec.manifest.model_dump_json(),
     )
 
 
-def _split_ref(text: str) -> tuple[str, int]:
-    task, _, version = text.partition("@")
-    return task, int(version)
+def _row_checksum(row: tuple[object, ...]) -> str:
+    # Columns joined by a byte no column holds: as strong as JSON-encoding them, and several
+    # times cheaper on the manifest column (which is already JSON, full of quotes to escape).
+    return sha256_bytes("\x1f".join(map(str, row)).encode("utf-8", errors="surrogatepass"))

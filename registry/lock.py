@@ -8,10 +8,21 @@ registry locked.
 The lock is re-entrant within a thread (a depth counter), so a locked method may call another.
 Different threads of one process still exclude each other: each opens its own file description,
 and flock locks belong to the open file description.
+
+The lock file is opened with ``O_NOFOLLOW`` and its folder is checked for links below the
+registry root: a ``.work/lock`` planted as a link to some other file must not get that file
+truncated (the holder's pid is written into the lock file).
+
+Why not the ``filelock`` package: its default soft-lock fallback (a lock file that survives a
+SIGKILL) has to be switched off, its ``O_NOFOLLOW`` and cross-instance re-entrancy
+(``is_singleton``) exist only in recent releases, it does not check the lock's folder for links,
+and it removes the lock file on release, so the holder's pid cannot be shown in the timeout
+message. What the registry needs is the ~100 lines of ``flock`` below.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -21,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cladapt.errors import RegistryError
+from cladapt.registry.fsio import O_NOFOLLOW, refuse_symlinks
 
 logger = logging.getLogger(__name__)
 
@@ -34,25 +46,45 @@ _REGISTRY_GUARD = threading.Lock()
 class StoreLock:
     """A re-entrant (per thread) exclusive lock on one file, usable as a context manager."""
 
-    def __init__(self, path: Path, *, timeout_s: float | None = None) -> None:
+    def __init__(self, path: Path, *, timeout_s: float | None = None, root: Path | None = None) -> None:
         self.path = Path(path)
-        env = os.environ.get("CLADAPT_LOCK_TIMEOUT")
-        self.timeout_s = timeout_s if timeout_s is not None else float(env) if env else DEFAULT_TIMEOUT_S
+        self.root = Path(root) if root is not None else self.path.parent
+        self._timeout_s = timeout_s
         self._local = threading.local()
 
+    @property
+    def timeout_s(self) -> float:
+        """Seconds to wait: the constructor's value, else ``$CLADAPT_LOCK_TIMEOUT``, else 300."""
+        if self._timeout_s is not None:
+            return self._timeout_s
+        env = os.environ.get("CLADAPT_LOCK_TIMEOUT")
+        if not env:
+            return DEFAULT_TIMEOUT_S
+        try:
+            value = float(env)
+        except ValueError:
+            value = -1.0
+        if not value >= 0:  # also refuses nan
+            raise RegistryError(
+                f"CLADAPT_LOCK_TIMEOUT={env!r} is not a number of seconds >= 0",
+                hint="set it to e.g. 600, or unset it for the default of 300 s",
+            )
+        return value
+
     @classmethod
-    def for_path(cls, path: Path) -> StoreLock:
+    def for_path(cls, path: Path, *, root: Path | None = None) -> StoreLock:
         """The one lock object of this process for ``path``.
 
         Sharing it between Store instances of the same registry keeps re-entrancy working across
         them: a thread holding the lock through one instance would otherwise deadlock on its own
-        flock when a second instance asks for it.
+        flock when a second instance asks for it. ``root`` is the folder below which no path
+        component of the lock may be a symbolic link (default: the lock's own folder).
         """
-        key = os.path.realpath(path)
+        key = os.path.join(os.path.realpath(Path(path).parent), Path(path).name)
         with _REGISTRY_GUARD:
             lock = _LOCKS.get(key)
             if lock is None:
-                lock = _LOCKS[key] = cls(Path(key))
+                lock = _LOCKS[key] = cls(Path(path), root=root)
             return lock
 
     @property
@@ -66,9 +98,9 @@ class StoreLock:
         if depth:
             self._local.depth = depth + 1
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s
+        fd = self._open()
+        deadline = time.monotonic() + timeout_s
         delay = 0.002
         try:
             while True:
@@ -78,7 +110,7 @@ class StoreLock:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise RegistryError(
-                            f"the registry is locked by another process ({self._holder(fd)}) for over {self.timeout_s:.0f} s",
+                            f"the registry is locked by another process ({self._holder(fd)}) for over {timeout_s:.0f} s",
                             hint=f"wait for it to finish, or raise CLADAPT_LOCK_TIMEOUT; lock file: {self.path}",
                         ) from None
                     time.sleep(delay)
@@ -106,6 +138,26 @@ class StoreLock:
             finally:
                 os.close(fd)
 
+    def _open(self) -> int:
+        """Open (creating) the lock file without following links; clear errors for a read-only registry."""
+        refuse_symlinks(self.root, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if os.path.islink(self.path):
+                raise RegistryError(
+                    f"refusing to open the lock {self.path}: it is a symbolic link (to {os.readlink(self.path)!r})",
+                    hint="remove the link; the registry never writes through links",
+                ) from exc
+            read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            raise RegistryError(
+                f"cannot take the registry lock {self.path}: {exc.strerror or exc}",
+                hint="the registry is read-only here (a read-only mount or missing permissions): listing and "
+                "serving work, changes need write access to the registry folder"
+                if read_only else "the lock must be a regular file; remove whatever is at that path",
+            ) from exc
+
     @staticmethod
     def _holder(fd: int) -> str:
         try:
@@ -121,3 +173,52 @@ class StoreLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+class Claim:
+    """A process's hold on one scratch folder of ``.work`` (a staging area, a run's checkpoints):
+    an exclusive ``flock`` on ``<folder>.lock``, kept for as long as the process works there.
+
+    The kernel drops it when the process dies, so ``registry gc`` can tell a live process's folder
+    (claimed) from a killed one's leftovers (unclaimed) without guessing from timestamps.
+    """
+
+    def __init__(self, lock_path: Path, fd: int) -> None:
+        self.lock_path = Path(lock_path)
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, lock_path: Path) -> Claim | None:
+        """Claim ``lock_path`` (created), or None if a live process holds it."""
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(lock_path, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self, *, remove: bool = False) -> None:
+        """Drop the claim; ``remove`` also deletes the lock file (the folder is gone). Idempotent."""
+        if self._fd is None:
+            return
+        if remove:
+            self.lock_path.unlink(missing_ok=True)
+        fd, self._fd = self._fd, None
+        os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"Claim({str(self.lock_path)!r}, held={self.held})"
+
+
+def claim_path(folder: Path) -> Path:
+    """The lock file that claims ``folder``: ``<folder>.lock`` beside it (never inside: a staging
+    folder becomes a version, and the lock must not be committed with it)."""
+    return folder.with_name(folder.name + ".lock")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cladapt.errors import IntegrityError, NotFound, RegistryError
-from cladapt.registry.fsio import atomic_write_json, is_tmp_name, iter_files, sha256_bytes, sha256_file
+from cladapt.registry.fsio import (
+    atomic_write_bytes,
+    dumps_json,
+    is_tmp_name,
+    iter_files,
+    read_nofollow,
+    refuse_symlinks,
+    sha256_bytes,
+    sha256_file,
+)
 from cladapt.registry.refs import AdapterRef, validate_relpath, validate_task_name
 
 logger = logging.getLogger(__name__)
@@ -182,20 +192,27 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> list[s
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read and validate one ``manifest.json``.
+    """Read and validate one ``manifest.json`` (see :func:`read_manifest`)."""
+    return read_manifest(path)[0]
+
+
+def read_manifest(path: Path) -> tuple[Manifest, str]:
+    """Read and validate one ``manifest.json``; also return the sha256 of its bytes.
 
     Raises:
         RegistryError: the manifest was written by a newer cladapt.
-        IntegrityError: the file is missing, not JSON, or does not match the schema.
+        IntegrityError: the file is missing, a link, not JSON, or does not match the schema.
     """
     try:
-        raw = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path}: unreadable manifest ({exc})", hint="run `cladapt registry verify`") from exc
+        data = read_nofollow(path)
+        raw = json.loads(data)
+    except (OSError, ValueError, RegistryError) as exc:
+        detail = exc.message if isinstance(exc, RegistryError) else str(exc)
+        raise IntegrityError(f"{path}: unreadable manifest ({detail})", hint="run `cladapt registry verify`") from exc
     if isinstance(raw, dict) and isinstance(raw.get("schema_version"), int) and raw["schema_version"] > MANIFEST_SCHEMA_VERSION:
         raise RegistryError(f"{path}: manifest schema {raw['schema_version']} is newer than this cladapt", hint=_UPGRADE_HINT)
     try:
-        return Manifest.model_validate(raw)
+        return Manifest.model_validate(raw), sha256_bytes(data)
     except ValidationError as exc:
         detail = "; ".join(format_validation_error(exc))
         raise IntegrityError(f"{path}: invalid manifest: {detail}", hint="run `cladapt registry verify`") from exc
@@ -266,43 +283,110 @@ class TaskStatus:
     ``generation`` increases on every change, so a reader can tell cheaply whether the index is
     stale. ``last_version`` is the highest number ever allocated: version numbers are never reused,
     even after a remove, because refs like ``amazon@3`` appear in audit logs and caches.
+    ``manifests`` holds the sha256 of each version's ``manifest.json`` (the manifest lists every
+    other file's sha256, so this closes the chain). ``owed_audit`` holds audit events written here
+    *before* they reach the audit log: a process killed in between leaves them for the next one to
+    append (:meth:`Store.open`). The file carries a ``checksum`` over the rest (format 2).
     """
 
     generation: int = 0
     last_version: int = 0
     versions: dict[int, str] = field(default_factory=dict)
+    manifests: dict[int, str] = field(default_factory=dict)
+    owed_audit: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": 1,
+        body: dict[str, Any] = {
+            "format": STATUS_FORMAT,
             "generation": self.generation,
             "last_version": self.last_version,
             "versions": {str(v): s for v, s in sorted(self.versions.items())},
+            "manifests": {str(v): d for v, d in sorted(self.manifests.items())},
+            "owed_audit": self.owed_audit,
         }
+        return {**body, "checksum": json_checksum(body)}
+
+
+STATUS_FORMAT = 2
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def json_checksum(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces): survives re-indenting."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def load_task_status(path: Path) -> TaskStatus:
-    """Read ``status.json``; a missing file is an empty task. Raises IntegrityError if malformed."""
+    """Read ``status.json``; a missing file is an empty task.
+
+    Raises:
+        IntegrityError: the file is malformed, a link, or (format 2) does not match its checksum.
+    """
+    hint = "run `cladapt registry verify --reindex`"
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(read_nofollow(path))
     except FileNotFoundError:
         return TaskStatus()
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path}: unreadable status file ({exc})", hint="run `cladapt registry verify --reindex`") from exc
+    except (OSError, ValueError, RegistryError) as exc:
+        detail = exc.message if isinstance(exc, RegistryError) else str(exc)
+        raise IntegrityError(f"{path}: unreadable status file ({detail})", hint=hint) from exc
     try:
+        fmt = raw.get("format", 1)
+        if fmt == STATUS_FORMAT or "checksum" in raw:
+            body = {k: v for k, v in raw.items() if k != "checksum"}
+            if raw.get("checksum") != json_checksum(body):
+                raise IntegrityError(f"{path}: status file does not match its checksum (damaged or edited)", hint=hint)
+        elif fmt != 1:
+            raise IntegrityError(f"{path}: unknown status file format {fmt!r}", hint=hint)
         versions = {int(v): str(s) for v, s in raw["versions"].items()}
-        status = TaskStatus(int(raw["generation"]), int(raw.get("last_version", 0)), versions)
+        manifests = {int(v): str(d) for v, d in raw.get("manifests", {}).items()}
+        owed = list(raw.get("owed_audit", []))
+        status = TaskStatus(int(raw["generation"]), int(raw.get("last_version", 0)), versions, manifests, owed)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise IntegrityError(f"{path}: malformed status file", hint="run `cladapt registry verify --reindex`") from exc
+        raise IntegrityError(f"{path}: malformed status file", hint=hint) from exc
     bad = {v: s for v, s in status.versions.items() if s not in STATUSES}
     if bad:
         raise IntegrityError(f"{path}: unknown status values {bad}", hint=f"statuses are {', '.join(STATUSES)}")
+    if not all(isinstance(e, dict) for e in owed) or not all(_HEX64.fullmatch(d) for d in manifests.values()):
+        raise IntegrityError(f"{path}: malformed status file", hint=hint)
     return status
 
 
 def save_task_status(path: Path, status: TaskStatus) -> None:
-    """Atomically replace ``status.json``."""
-    atomic_write_json(path, status.to_json())
+    """Atomically replace ``status.json`` (format 2, with its checksum)."""
+    atomic_write_bytes(path, dumps_json(status.to_json()))
+
+
+# --------------------------------------------------------------------------------------------
+# Sealed JSON: evaluations and the policy carry the sha256 of their own payload.
+
+SEAL_KEY = "cladapt_checksum"
+
+
+def seal_json(payload: dict[str, Any]) -> bytes:
+    """``{"cladapt_checksum": sha256, "payload": payload}`` as the registry's JSON bytes."""
+    return dumps_json({SEAL_KEY: json_checksum(payload), "payload": payload})
+
+
+def unseal_json(data: bytes, what: str) -> tuple[dict[str, Any], bool]:
+    """The payload of sealed JSON bytes, checked, and whether it was sealed (files written before
+    sealing existed are plain objects and returned as they are, unchecked).
+
+    Raises:
+        IntegrityError: not a JSON object, or the payload does not match its checksum.
+    """
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise IntegrityError(f"{what} is not valid JSON ({exc})", hint="it was damaged; write it again") from exc
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{what} is not a JSON object", hint="it was damaged; write it again")
+    if SEAL_KEY not in obj and not ("payload" in obj and len(obj) == 2):
+        return obj, False  # written before sealing (a damaged seal key still has "payload" beside one key)
+    payload = obj.get("payload")
+    if set(obj) != {SEAL_KEY, "payload"} or not isinstance(payload, dict) or obj[SEAL_KEY] != json_checksum(payload):
+        raise IntegrityError(f"{what} does not match its checksum (damaged or edited)", hint="it was damaged; write it again")
+    return payload, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,9 +400,10 @@ def read_verified(version_dir: Path, entry: FileEntry, ref: AdapterRef) -> bytes
     """
     path = version_dir / entry.path
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise IntegrityError(f"{ref}: file {entry.path!r} is missing or unreadable ({exc})", hint=_verify_hint()) from exc
+        data = read_nofollow(refuse_symlinks(version_dir, path))
+    except (OSError, RegistryError) as exc:
+        detail = exc.message if isinstance(exc, RegistryError) else str(exc)
+        raise IntegrityError(f"{ref}: file {entry.path!r} is missing or unreadable ({detail})", hint=_verify_hint()) from exc
     if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
         raise IntegrityError(f"{ref}: file {entry.path!r} does not match its sha256 in the manifest", hint=_verify_hint())
     return data
@@ -362,22 +447,28 @@ def check_version(version_dir: Path, manifest: Manifest) -> list[Problem]:
     return problems
 
 
-def check_evals(version_dir: Path, where: str) -> list[Problem]:
-    """Evaluation files (``evals/*.json``) that are not valid JSON."""
+def check_evals(version_dir: Path, where: str) -> tuple[list[Problem], int]:
+    """Evaluation files (``evals/*.json``) that are unreadable, not JSON or do not match their
+    checksum, and the number of evaluations written before checksums existed (not covered)."""
     evals = version_dir / "evals"
     problems = []
-    for path in sorted(evals.iterdir()) if evals.is_dir() else []:
+    legacy = 0
+    for path in sorted(evals.iterdir()) if evals.is_dir() and not evals.is_symlink() else []:
         if is_tmp_name(path.name):
             continue
         try:
-            json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            problems.append(Problem(where, f"evaluation {path.name!r} is not valid JSON"))
-    return problems
+            legacy += not unseal_json(read_nofollow(path), f"evaluation {path.name!r}")[1]
+        except (OSError, RegistryError) as exc:
+            problems.append(Problem(where, exc.message if isinstance(exc, RegistryError) else f"evaluation {path.name!r}: {exc}"))
+    return problems, legacy
 
 
 def _check_entry(version_dir: Path, entry: FileEntry) -> str | None:
     path = version_dir / entry.path
+    try:
+        refuse_symlinks(version_dir, path)
+    except RegistryError:
+        return "is reached through a symbolic link (refused)"
     if path.is_symlink() or not path.is_file():
         return "is missing (or is not a regular file)"
     digest, size = sha256_file(path)

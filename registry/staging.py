@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,18 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from cladapt.errors import IntegrityError, RegistryError
-from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir, fsync_tree, iter_files, sha256_file
+from cladapt.registry.fsio import (
+    CRASH_ENV,
+    atomic_write_bytes,
+    crash_point,
+    dumps_json,
+    fsync_dir,
+    fsync_tree,
+    iter_files,
+    read_nofollow,
+    sha256_file,
+)
+from cladapt.registry.lock import Claim, claim_path
 from cladapt.registry.manifest import (
     FORBIDDEN_SUFFIXES,
     FileEntry,
@@ -41,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: Names the store writes itself; a staged tree may not contain them.
 RESERVED = ("manifest.json", "evals")
 SHARED_MANIFEST = "manifest.json"
-CRASH_ENV = "CLADAPT_TEST_CRASH_AT"
+__all__ = ["CRASH_ENV", "RESERVED", "Staging", "build_manifest", "collect_files", "crash_point", "publish_version"]
 
 
 class Staging:
@@ -67,14 +77,27 @@ class Staging:
         self.manifest_fields: dict[str, Any] = {}
         self.committed = False
         self.discarded = False
+        self.claim: Claim | None = None
 
     @classmethod
     def create(cls, task: str, directory: Path) -> Staging:
-        """Create the directory tree (it must not exist yet) and return the staging."""
+        """Create the directory tree (it must not exist yet) and return the staging.
+
+        The folder is claimed (``<dir>.lock``, see :class:`~cladapt.registry.lock.Claim`) until it
+        is committed or discarded, so ``registry gc`` never removes a live run's staging.
+        """
         staging = cls(task, directory)
-        staging.dir.mkdir(parents=True)
-        staging.adapter_dir.mkdir()
-        staging.sidecar_dir.mkdir()
+        staging.dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.claim = Claim.take(claim_path(staging.dir))
+        if staging.claim is None:
+            raise RegistryError(f"staging folder {directory} is already claimed by another process")
+        try:
+            staging.dir.mkdir()
+            staging.adapter_dir.mkdir()
+            staging.sidecar_dir.mkdir()
+        except BaseException:
+            staging.claim.release(remove=True)
+            raise
         logger.debug("staging %s for task %s", staging.dir, task)
         return staging
 
@@ -125,6 +148,8 @@ class Staging:
             return
         self.discarded = True
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.claim is not None:
+            self.claim.release(remove=True)
         logger.debug("discarded staging %s", self.dir)
 
     def _require_open(self) -> None:
@@ -143,17 +168,6 @@ class Staging:
 
     def __repr__(self) -> str:
         return f"Staging(task={self.task!r}, dir={str(self.dir)!r}, committed={self.committed})"
-
-
-def crash_point(name: str) -> None:
-    """Test seam: SIGKILL this process at step ``name`` of a commit when CLADAPT_TEST_CRASH_AT says so.
-
-    Steps: ``after_manifest``, ``before_rename``, ``after_rename``, ``after_status``, ``after_index``.
-    The crash tests use it to prove that a kill at any step loses nothing; never set it otherwise.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        logger.warning("%s=%s: killing this process on purpose", CRASH_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def publish_version(staging: Staging, task_dir: Path, version: int) -> None:
@@ -177,6 +191,8 @@ def publish_version(staging: Staging, task_dir: Path, version: int) -> None:
     fsync_dir(task_dir)
     fsync_dir(staging.dir.parent)
     staging.committed = True
+    if staging.claim is not None:
+        staging.claim.release(remove=True)
 
 
 def collect_files(directory: Path) -> list[FileEntry]:
@@ -299,8 +315,13 @@ def verify_shared(directory: Path, label: str) -> None:
     """Check a shared-state folder against its manifest; IntegrityError names the bad file."""
     hint = f"delete {directory} and recompute it"
     try:
-        listing = json.loads((directory / SHARED_MANIFEST).read_bytes())["files"]
+        raw = json.loads(read_nofollow(directory / SHARED_MANIFEST))
+        if set(raw) != {"format", "files"} or raw["format"] != 1:
+            raise ValueError(f"expected the keys format (1) and files, got {sorted(raw)} (format {raw.get('format')!r})")
+        listing = raw["files"]
         expected = {validate_filename(n): (str(m["sha256"]), int(m["size"])) for n, m in listing.items()}
+        if any(set(m) != {"sha256", "size"} for m in listing.values()):
+            raise ValueError("every file needs exactly sha256 and size")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RegistryError) as exc:
         raise IntegrityError(f"shared state {label}: unreadable {SHARED_MANIFEST} ({exc})", hint=hint) from exc
     extra = sorted({p.as_posix() for p in iter_files(directory)} - {SHARED_MANIFEST} - set(expected))

@@ -3,24 +3,33 @@
 On-disk layout (``format`` 1)::
 
     <root>/cladapt-registry.json        {"format": 1}; marks the folder as a registry
-    <root>/index.sqlite                 derived listing cache; rebuilt from manifests when stale
-    <root>/audit.jsonl                  append-only log of every change
-    <root>/policy.json                  optional admission policy (atomic, audited)
-    <root>/tasks/<task>/status.json     version -> status (+ generation, last_version); atomic replace
+    <root>/index.sqlite                 derived listing cache; rebuilt from manifests when stale or damaged
+    <root>/audit.jsonl                  append-only, hash-chained log of every change
+    <root>/policy.json                  optional admission policy (atomic, audited, checksummed)
+    <root>/tasks/<task>/status.json     version -> status, manifest sha256s, generation; checksummed
     <root>/tasks/<task>/v<N>/           manifest.json, adapter/, sidecars/ (immutable), evals/ (mutable)
     <root>/shared/<kind>/<key>/         state shared by tasks, with its own sha256 manifest
     <root>/.work/                       scratch, NOT registry state: staging/, runs/, trash/, lock
 
 A commit is: stage (no lock) -> hash + fsync (no lock) -> under the lock: allocate ``N``, write
 ``manifest.json``, rename the staging directory to ``v<N>`` (the commit point), update
-``status.json``, the index and the audit log. A process killed before the rename leaves only
-``.work`` debris; one killed after it leaves a version the index does not know yet, which the next
-:meth:`Store.open` / :meth:`Store.list` / :meth:`Store.get` detects (per task: version directories
-and ``status.json`` generation vs. the index) and repairs (:meth:`Index.rebuild`).
+``status.json`` (with the audit events it owes), the index, then the audit log, then clear the
+owed events. A process killed before the rename leaves only ``.work`` debris (``registry gc``);
+one killed after it leaves a version the index does not know yet, or events the log has not got,
+which the next :meth:`Store.open` / :meth:`Store.list` / :meth:`Store.get` detects (per task:
+version directories and ``status.json`` generation vs. the index) and repairs (:meth:`Index.rebuild`).
+Status changes and removals follow the same recipe.
 
-Test seam: the environment variable ``CLADAPT_TEST_CRASH_AT`` (``after_manifest``,
-``before_rename``, ``after_rename``, ``after_status``, ``after_index``) makes :meth:`Store.commit`
-SIGKILL its own process at that point, so tests can prove crash safety. Never set it otherwise.
+Reads never trust the index alone: rows carry checksums, a damaged index (or one with a killed
+writer's journal) is rebuilt from the manifests, and :meth:`Store.get` chooses the version from
+``status.json`` and checks the index row against the version's own ``manifest.json``, whose
+sha256 ``status.json`` records. Nothing below the root may be a symbolic link.
+
+Test seam: the environment variable ``CLADAPT_TEST_CRASH_AT`` makes the store SIGKILL its own
+process at one step, so tests can prove crash safety (never set it otherwise). Commit:
+``after_manifest``, ``before_rename``, ``after_rename``, ``after_status``, ``in_index`` (inside the
+index transaction), ``after_index``, ``after_audit``; status changes (promote, rollback): the same
+last five prefixed ``status:``; removals: ``remove:after_rename`` and the last five prefixed ``remove:``.
 """
 
 from __future__ import annotations
@@ -33,23 +42,33 @@ import os
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 from cladapt.registry import audit
 from cladapt.registry.annotations import StoreAnnotations
-from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir
+from cladapt.registry.fsio import (
+    atomic_write_bytes,
+    crash_point,
+    dumps_json,
+    fsync_dir,
+    read_nofollow,
+    refuse_symlinks,
+    sha256_bytes,
+)
 from cladapt.registry.index import INDEX_FILE, Index, version_dirs
-from cladapt.registry.lock import StoreLock
+from cladapt.registry.lock import Claim, StoreLock, claim_path
 from cladapt.registry.maintenance import StoreMaintenance
 from cladapt.registry.manifest import (
     STATUSES,
     Problem,
+    TaskStatus,
     VersionRecord,
     load_task_status,
     make_record,
+    read_manifest,
     read_verified,
     save_task_status,
     unlisted_files,
@@ -66,14 +85,15 @@ from cladapt.registry.staging import (
     Staging,
     build_manifest,
     collect_files,
-    crash_point,
     publish_version,
 )
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["FORMAT", "Problem", "Staging", "Store"]
+T = TypeVar("T")
+
+__all__ = ["FORMAT", "Problem", "RunFolder", "Staging", "Store"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +110,7 @@ class Store(StoreAnnotations, StoreMaintenance):
         self.work_dir = self.root / ".work"
         self._audit_path = self.root / audit.AUDIT_FILE
         self._index = Index(self.root / INDEX_FILE, self.tasks_dir)
-        self._lock = StoreLock.for_path(self.work_dir / "lock")
+        self._lock = StoreLock.for_path(self.work_dir / "lock", root=self.root)
 
     # ------------------------------------------------------------------ opening
 
@@ -127,14 +147,16 @@ class Store(StoreAnnotations, StoreMaintenance):
 
         Raises:
             NotFound: no registry at ``root``.
-            RegistryError: the registry's format is newer than this cladapt.
+            RegistryError: the registry's format is newer than this cladapt, or its marker is a link.
         """
         path = Path(root)
         marker = path / MARKER
-        if not marker.is_file():
+        if not marker.is_file() or marker.is_symlink():
+            if marker.is_symlink():
+                raise RegistryError(f"{marker} is a symbolic link", hint="a registry's files must be real files")
             raise NotFound(f"no cladapt registry at {path}", hint=f"create one with `cladapt registry init {path}`")
         try:
-            fmt = json.loads(marker.read_bytes())["format"]
+            fmt = json.loads(read_nofollow(marker))["format"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"{marker}: unreadable registry marker ({exc})", hint=f"it should contain {{\"format\": {FORMAT}}}") from exc
         if not isinstance(fmt, int) or fmt < 1:
@@ -147,24 +169,25 @@ class Store(StoreAnnotations, StoreMaintenance):
         store = cls(path)
         for sub in store._work_dirs():  # .work is scratch: recreate it if someone deleted it
             try:
-                sub.mkdir(parents=True, exist_ok=True)
+                refuse_symlinks(store.root, sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # a read-only mount can still be listed and served
                 logger.warning("cannot create %s (%s); this registry is read-only here", sub, exc)
-        if store._index.usable():
-            store._sync()
-        else:
-            with store._lock:
-                if not store._index.usable():  # another process may have rebuilt it meanwhile
-                    store._rebuild_all()
+        store._sync()
         return store
 
-    def _work_dirs(self) -> list[Path]:
+    def _work_dirs(self) -> builtins.list[Path]:
         return [self.work_dir / "staging", self.work_dir / "runs", self.work_dir / "trash"]
+
+    def _work_dir(self, name: str) -> Path:
+        """``.work/<name>``, created, refusing links (scratch is still inside the registry)."""
+        path = refuse_symlinks(self.root, self.work_dir / name)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     # ------------------------------------------------------------------ paths and index freshness
 
     def _task_dir(self, task: str) -> Path:
-        return self.tasks_dir / validate_task_name(task)
+        return refuse_symlinks(self.root, self.tasks_dir / validate_task_name(task))
 
     def _status_path(self, task: str) -> Path:
         return self._task_dir(task) / "status.json"
@@ -173,36 +196,85 @@ class Store(StoreAnnotations, StoreMaintenance):
         return version_dirs(self._task_dir(task))
 
     def _sync(self, task: str | None = None) -> builtins.list[Problem]:
-        """Cheap staleness check (directory scan + status generations); reindex stale tasks.
+        """Cheap freshness check (directory scan + status generations, no journal beside the
+        index); anything else is repaired under the lock (:meth:`_repair`).
 
         Returns the problems met while reindexing (logged; ``verify`` reports them).
         """
         try:
-            if not self._index.stale(task):
+            if not self._index.has_sidecars() and not self._index.stale(task):
                 return []
-        except sqlite3.DatabaseError:  # the index was deleted or damaged after open()
-            with self._lock:
-                return [] if self._index.usable() else self._rebuild_all()
+        except sqlite3.DatabaseError:  # the index was deleted or damaged
+            pass
         with self._lock:
-            stale = self._index.stale(task)  # re-check: a live committer may just have finished
-            if not stale:
-                return []
-            names = sorted(stale)
-            logger.warning("index is stale for %d task(s) %s (interrupted commit?); reindexing", len(names), names[:10])
-            problems = self._reindex(stale)
+            problems = self._repair(task)
         for problem in problems:
             logger.warning("reindex: %s", problem)
         return problems
 
+    def _repair(self, task: str | None = None) -> builtins.list[Problem]:
+        """Under the lock: rebuild an unusable index whole, or reindex the stale tasks."""
+        with self._lock:
+            if not self._index.usable():
+                return self._rebuild_all()
+            try:
+                stale = self._index.stale(task)  # re-check: a live committer may just have finished
+                if not stale:
+                    return []
+                names = sorted(stale)
+                logger.warning("index is stale for %d task(s) %s (interrupted change?); reindexing", len(names), names[:10])
+                return self._reindex(stale)
+            except sqlite3.DatabaseError as exc:
+                logger.warning("the index is damaged (%s); rebuilding it from the manifests", exc)
+                return self._rebuild_all()
+
     def _reindex(self, tasks: Iterable[str]) -> builtins.list[Problem]:
         """Rebuild the index rows of ``tasks`` from disk, auditing every repair. Holds the lock."""
         with self._lock:
-            return self._index.rebuild(tasks, lambda *event: self._audit(*event, actor="cladapt"))
+            return self._index.rebuild(tasks, self._repair_event, self._pay_owed)
 
     def _rebuild_all(self) -> builtins.list[Problem]:
         """Rebuild the whole index from the manifests, swapping it in atomically. Holds the lock."""
         with self._lock:
-            return self._index.rebuild_all(lambda *event: self._audit(*event, actor="cladapt"))
+            return self._index.rebuild_all(self._repair_event, self._pay_owed)
+
+    def _repair_event(self, action: str, ref: str | None, from_: Any, to: Any, reason: str) -> None:
+        self._audit(action, ref, from_, to, reason, actor="cladapt")
+
+    def _pay_owed(self, events: builtins.list[dict[str, Any]]) -> None:
+        """Append the events a status file still owes the audit log, unless already there. Holds the lock."""
+        logged = audit.logged_ids(self._audit_path)
+        for event in events:
+            if event.get("id") not in logged:
+                audit.append_prepared(self._audit_path, {**event, "recovered": True})
+                logger.warning("audit: wrote the %s event of %s that an interrupted process owed", event.get("action"), event.get("ref"))
+
+    def _query(self, read: Callable[[], T]) -> T:
+        """Run an index read; a damaged index is rebuilt from the manifests (under the lock) and
+        the read runs again. Never returns what a damaged index says."""
+        try:
+            return read()
+        except sqlite3.DatabaseError as exc:
+            logger.warning("the index is damaged (%s); rebuilding it from the manifests", exc)
+        with self._lock:
+            try:
+                if self._index.usable():
+                    return read()  # another process may have repaired it meanwhile
+            except sqlite3.DatabaseError:
+                pass
+            self._rebuild_all()
+            try:
+                return read()
+            except sqlite3.DatabaseError as exc:
+                raise IntegrityError(
+                    f"the index {self._index.path} is unreadable even after a rebuild ({exc})",
+                    hint="check the disk; the manifests under tasks/ are the source of truth",
+                ) from exc
+
+    def _refuse_links(self) -> None:
+        """Before a change writes anything: refuse a link at the audit log (it is written last,
+        after the change is durable, so finding out then would leave the change unlogged)."""
+        refuse_symlinks(self.root, self._audit_path)
 
     def _audit(self, action: str, ref: str | None, from_: Any, to: Any, reason: str, *, actor: str, **extra: Any) -> None:
         audit.append_event(self._audit_path, action=action, ref=ref, from_=from_, to=to, reason=reason, actor=actor, **extra)
@@ -212,39 +284,42 @@ class Store(StoreAnnotations, StoreMaintenance):
     def list(self, task: str | None = None, *, include_rejected: bool = True) -> builtins.list[VersionRecord]:
         """Versions ordered by task then version, from the index (repaired first if stale)."""
         if task is not None:
-            validate_task_name(task)
+            self._task_dir(task)
         self._sync(task)
         statuses = None if include_rejected else [s for s in STATUSES if s != "rejected"]
-        return self._index.records(task, statuses=statuses)
+        return self._query(lambda: self._index.records(task, statuses=statuses))
+
+    def unlisted(self, task: str | None = None) -> builtins.list[Problem]:
+        """Versions on disk that :meth:`list` leaves out because their manifest cannot be used
+        (unreadable, from a newer cladapt, or not matching its recorded sha256), with the reason."""
+        self._sync(task)
+        return self._query(lambda: self._index.skipped(task))
 
     def tasks(self) -> builtins.list[str]:
         """Names of tasks with at least one version."""
         self._sync()
-        return self._index.tasks()
+        return self._query(self._index.tasks)
 
     def get(self, ref: AdapterRef | str, *, base_fingerprint: str | None = None) -> VersionRecord:
         """Resolve a ref: ``task@N``; ``task@latest`` (highest number); ``task`` = the active version,
         or the newest non-rejected one when none is active.
+
+        The version is chosen from ``status.json`` (the source of truth), and the index row is
+        checked against that version's own ``manifest.json`` (whose sha256 ``status.json``
+        records) before it is returned; a disagreeing index is rebuilt for the task.
 
         Args:
             base_fingerprint: when given, the version must have been trained on this base model.
 
         Raises:
             NotFound: no such task or version (the hint lists what exists).
+            IntegrityError: the version's manifest is unreadable or does not match its sha256.
             IncompatibleBaseModel: ``base_fingerprint`` differs from the version's.
         """
         r = coerce_ref(ref)
-        self._sync(r.task)
-        if r.version is not None:
-            found = self._index.records(r.task, version=r.version)
-        elif r.latest:
-            found = self._index.records(r.task, newest=True)
-        else:
-            found = self._index.records(r.task, statuses=["active"], newest=True)
-            found = found or self._index.records(r.task, statuses=["candidate", "archived"], newest=True)
-        if not found:
+        record = self._resolve(r)
+        if record is None:
             raise self._not_found(r)
-        record = found[0]
         if base_fingerprint is not None and record.base_fingerprint != base_fingerprint:
             raise IncompatibleBaseModel(
                 f"{record.ref} was trained on base model {record.manifest.base_model.get('id')!r} "
@@ -253,20 +328,61 @@ class Store(StoreAnnotations, StoreMaintenance):
             )
         return record
 
+    def _resolve(self, r: AdapterRef, *, statuses: tuple[str, ...] | None = None) -> VersionRecord | None:
+        """The checked record ``r`` names (``statuses``: only ``task``'s active version), or None."""
+        self._task_dir(r.task)
+        self._sync(r.task)
+        for attempt in range(2):
+            status = load_task_status(self._status_path(r.task))
+            version = _choose(r, status.versions, statuses)
+            if version is None:
+                return None
+            record = self._checked_record(r.task, version, status)
+            if record is not None:
+                return record
+            if attempt == 0:
+                logger.warning("the index disagrees with tasks/%s/v%d; reindexing the task", r.task, version)
+                with self._lock:
+                    problems = self._reindex([r.task])
+                for problem in problems:
+                    logger.warning("reindex: %s", problem)
+        raise IntegrityError(
+            f"the index keeps disagreeing with {r.task}@{version}'s manifest and status",
+            hint="run `cladapt registry verify --reindex`",
+        )
+
+    def _checked_record(self, task: str, version: int, status: TaskStatus) -> VersionRecord | None:
+        """The index row of ``task@version`` if it matches the version's manifest and status, else None.
+
+        Raises:
+            IntegrityError: the manifest itself is unreadable or differs from its recorded sha256.
+        """
+        rows = self._query(lambda: self._index.records(task, version=version))
+        path = self._task_dir(task) / f"v{version}"
+        refuse_symlinks(self.root, path)
+        manifest, digest = read_manifest(path / "manifest.json")
+        recorded = status.manifests.get(version)
+        if recorded is not None and digest != recorded:
+            raise IntegrityError(
+                f"{task}@{version}: {path / 'manifest.json'} does not match the sha256 recorded in status.json",
+                hint="the manifest was damaged or edited; restore it from a backup or pull the version again",
+            )
+        if not rows:
+            return None
+        expected = make_record(manifest, status.versions[version], path)
+        return rows[0] if rows[0] == expected and rows[0].manifest == manifest else None
+
     def _not_found(self, ref: AdapterRef) -> NotFound:
-        versions = [str(rec.ref) for rec in self._index.records(ref.task)]
+        versions = [str(rec.ref) for rec in self._query(lambda: self._index.records(ref.task))]
         if versions:
             return NotFound(f"no version {ref} in the registry", hint=f"versions of {ref.task}: {', '.join(versions[-20:])}")
-        close = difflib.get_close_matches(ref.task, self._index.tasks(), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "see `cladapt list`"
+        close = difflib.get_close_matches(ref.task, self._query(self._index.tasks), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see `cladapt list` for the tasks and versions"
         return NotFound(f"no task {ref.task!r} in the registry at {self.root}", hint=hint)
 
     def active(self, task: str) -> VersionRecord | None:
         """The active version of ``task``, or None."""
-        validate_task_name(task)
-        self._sync(task)
-        found = self._index.records(task, statuses=["active"], newest=True)
-        return found[0] if found else None
+        return self._resolve(AdapterRef(task), statuses=("active",))
 
     def adapter_dir(self, ref: AdapterRef | str) -> Path:
         """The version's ``adapter/`` folder (a plain PEFT LoRA), after checking every file's sha256.
@@ -316,7 +432,7 @@ class Store(StoreAnnotations, StoreMaintenance):
     def stage(self, task: str) -> Staging:
         """A new private staging directory for one version of ``task``; no lock is taken."""
         validate_task_name(task)
-        return Staging.create(task, self.work_dir / "staging" / uuid.uuid4().hex)
+        return Staging.create(task, self._work_dir("staging") / uuid.uuid4().hex)
 
     def commit(self, staging: Staging, *, status: str = "active", reason: str = "trained", actor: str = "cladapt") -> VersionRecord:
         """Turn a staging directory into the next version of its task (see the module docstring).
@@ -338,30 +454,56 @@ class Store(StoreAnnotations, StoreMaintenance):
         fixed = {"task": staging.task, "files": files, "created": audit.utc_now()}
         build_manifest({**fields, "parents": []}, version=1, **fixed)  # fail fast, outside the lock
         with self._lock:
+            self._refuse_links()
             self._sync(staging.task)
             parents = [str(self.get(p).ref) for p in raw_parents]
-            task_status = load_task_status(self._status_path(staging.task))
-            version = max([task_status.last_version, *self._version_dirs(staging.task)]) + 1
+            task_dir = self._task_dir(staging.task)
+            task_status = load_task_status(task_dir / "status.json")
+            version = max([task_status.last_version, *version_dirs(task_dir)]) + 1
             manifest = build_manifest({**fields, "parents": parents}, version=version, **fixed)
-            atomic_write_bytes(staging.dir / "manifest.json", manifest.model_dump_json(indent=2).encode() + b"\n")
+            data = manifest.model_dump_json(indent=2).encode() + b"\n"
+            atomic_write_bytes(staging.dir / "manifest.json", data)
             crash_point("after_manifest")
-            publish_version(staging, self._task_dir(staging.task), version)
+            publish_version(staging, task_dir, version)
             crash_point("after_rename")
+            ref = f"{staging.task}@{version}"
             demoted = {v: "archived" for v, s in task_status.versions.items() if s == "active" and status == "active"}
+            events = [audit.make_event(action="commit", ref=ref, to=status, reason=reason, actor=actor, method=manifest.method)]
+            events += [
+                audit.make_event(action="status", ref=f"{staging.task}@{v}", from_="active", to="archived",
+                                 reason=f"superseded by {ref}", actor=actor)
+                for v in demoted
+            ]
             task_status.versions.update({**demoted, version: status})
+            task_status.manifests[version] = sha256_bytes(data)
             task_status.last_version = version
-            task_status.generation += 1
-            save_task_status(self._status_path(staging.task), task_status)
-            crash_point("after_status")
-            record = make_record(manifest, status, self._task_dir(staging.task) / f"v{version}")
-            dirs = self._version_dirs(staging.task)
-            self._index.update_task(staging.task, task_status.generation, dirs, upsert=[record], statuses=demoted)
-            crash_point("after_index")
-            self._audit("commit", str(record.ref), None, status, reason, actor=actor, method=manifest.method)
-            for v in demoted:
-                self._audit("status", f"{staging.task}@{v}", "active", "archived", f"superseded by {record.ref}", actor=actor)
+            record = make_record(manifest, status, task_dir / f"v{version}")
+            self._record_change(staging.task, task_status, events, "", upsert=[record], statuses=demoted)
         logger.info("committed %s (%s, %s)", record.ref, manifest.method, status)
         return record
+
+    def _record_change(
+        self, task: str, task_status: TaskStatus, events: builtins.list[dict[str, Any]], crash: str, **index_change: Any
+    ) -> None:
+        """Save ``status.json`` (owing ``events``), update the index, append the events, then clear
+        the debt. Every step survives a kill: the next open pays owed events and reindexes. Holds the lock."""
+        path = self._status_path(task)
+        task_status.generation += 1
+        task_status.owed_audit = events
+        save_task_status(path, task_status)
+        crash_point(f"{crash}after_status")
+        try:
+            self._index.update_task(task, task_status.generation, self._version_dirs(task), crash=f"{crash}in_index", **index_change)
+        except sqlite3.DatabaseError as exc:  # the change is durable in status.json; the rebuild pays the events
+            logger.warning("the index is damaged (%s); rebuilding it from the manifests", exc)
+            self._rebuild_all()
+            return
+        crash_point(f"{crash}after_index")
+        for event in events:
+            audit.append_prepared(self._audit_path, event)
+        crash_point(f"{crash}after_audit")
+        task_status.owed_audit = []
+        save_task_status(path, task_status)  # same generation: the index stays fresh
 
     @staticmethod
     def _check_status(status: str) -> None:
@@ -375,6 +517,7 @@ class Store(StoreAnnotations, StoreMaintenance):
         """
         self._check_status(status)
         with self._lock:
+            self._refuse_links()
             rec = self.get(ref)
             task_status = load_task_status(self._status_path(rec.task))
             old = task_status.versions.get(rec.version, rec.status)
@@ -383,13 +526,14 @@ class Store(StoreAnnotations, StoreMaintenance):
                 return rec
             changes = {v: "archived" for v, s in task_status.versions.items() if s == "active" and status == "active"}
             changes[rec.version] = status
+            events = [audit.make_event(action="status", ref=str(rec.ref), from_=old, to=status, reason=reason, actor=actor)]
+            events += [
+                audit.make_event(action="status", ref=f"{rec.task}@{v}", from_="active", to="archived",
+                                 reason=f"superseded by {rec.ref}", actor=actor)
+                for v in sorted(changes.keys() - {rec.version})
+            ]
             task_status.versions.update(changes)
-            task_status.generation += 1
-            save_task_status(self._status_path(rec.task), task_status)
-            self._index.update_task(rec.task, task_status.generation, self._version_dirs(rec.task), statuses=changes)
-            self._audit("status", str(rec.ref), old, status, reason, actor=actor)
-            for v in changes.keys() - {rec.version}:
-                self._audit("status", f"{rec.task}@{v}", "active", "archived", f"superseded by {rec.ref}", actor=actor)
+            self._record_change(rec.task, task_status, events, "status:", statuses=changes)
             return self.get(rec.ref)
 
     def remove(self, ref: AdapterRef | str, *, force: bool = False, reason: str = "", actor: str = "cladapt") -> None:
@@ -402,24 +546,24 @@ class Store(StoreAnnotations, StoreMaintenance):
         if r.version is None:
             raise RegistryError(f"remove needs an explicit version, got {r}", hint=f"write e.g. '{r.task}@1'")
         with self._lock:
+            self._refuse_links()
             rec = self.get(r)
-            dependants = self._index.dependants(rec.task, rec.version)
+            dependants = self._query(lambda: self._index.dependants(rec.task, rec.version))
             if dependants and not force:
                 raise Conflict(
                     f"{rec.ref} is a parent of {', '.join(dependants)}",
                     hint="remove those versions first, or force it (their lineage will then point at a removed version)",
                 )
-            trash = self.work_dir / "trash" / uuid.uuid4().hex
-            trash.parent.mkdir(parents=True, exist_ok=True)
+            trash = self._work_dir("trash") / uuid.uuid4().hex
             os.rename(rec.path, trash)  # atomic: the version is either fully there or gone
             fsync_dir(rec.path.parent)
+            crash_point("remove:after_rename")
             task_status = load_task_status(self._status_path(rec.task))
             task_status.versions.pop(rec.version, None)
-            task_status.generation += 1
-            save_task_status(self._status_path(rec.task), task_status)
-            self._index.update_task(rec.task, task_status.generation, self._version_dirs(rec.task), delete=[rec.version])
+            task_status.manifests.pop(rec.version, None)
             why = reason or ("forced; dependants: " + ", ".join(dependants) if dependants else "removed")
-            self._audit("remove", str(rec.ref), rec.status, None, why, actor=actor)
+            events = [audit.make_event(action="remove", ref=str(rec.ref), from_=rec.status, to=None, reason=why, actor=actor)]
+            self._record_change(rec.task, task_status, events, "remove:", delete=[rec.version])
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("removed %s", rec.ref)
 
@@ -427,9 +571,81 @@ class Store(StoreAnnotations, StoreMaintenance):
 
     def run_dir(self, task: str, run_id: str) -> Path:
         """A scratch folder ``.work/runs/<task>/<run_id>`` for checkpoints (created; not registry state)."""
-        path = self.work_dir / "runs" / validate_task_name(task) / validate_shared_key(run_id)
+        path = refuse_symlinks(self.root, self.work_dir / "runs" / validate_task_name(task) / validate_shared_key(run_id))
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def claim_run(self, task: str, key: str, *, resume: bool = False) -> RunFolder:
+        """A private checkpoint folder ``.work/runs/<task>/<key>.<id>`` for one training run,
+        claimed by this process until :meth:`RunFolder.release` / :meth:`RunFolder.finish`.
+
+        Two runs with the same ``key`` (same task, data and config) started together get two
+        folders, so neither deletes the other's checkpoints. ``resume`` takes over the newest
+        folder of ``key`` that no live process holds (a killed run's), or starts a new one.
+        Without ``resume``, unclaimed folders of ``key`` (runs nobody resumed) are deleted first;
+        a live run's folder never is.
+        """
+        validate_shared_key(key)
+        parent = self._work_dir("runs") / validate_task_name(task)
+        parent.mkdir(exist_ok=True)
+        mine = sorted(
+            (p for p in parent.iterdir() if p.name.startswith(f"{key}.") and not p.name.endswith(".lock") and p.is_dir()),
+            key=lambda p: p.stat().st_mtime, reverse=True,
+        )
+        for old in mine:
+            claim = Claim.take(claim_path(old))
+            if claim is None:
+                continue  # a live run's
+            if resume and old.is_dir():
+                logger.info("resuming the run in %s", old)
+                return RunFolder(old, claim)
+            shutil.rmtree(old, ignore_errors=True)
+            claim.release(remove=True)
+        path = parent / f"{key}.{uuid.uuid4().hex[:12]}"
+        claim = Claim.take(claim_path(path))
+        if claim is None:  # pragma: no cover - a fresh uuid is never held
+            raise RegistryError(f"run folder {path} is already claimed")
+        path.mkdir()
+        return RunFolder(path, claim)
+
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
+
+
+class RunFolder:
+    """A run's claimed checkpoint folder (see :meth:`Store.claim_run`); a context manager that
+    releases the claim (keeping the checkpoints for ``--resume``) when the block ends."""
+
+    def __init__(self, path: Path, claim: Claim) -> None:
+        self.path = path
+        self._claim = claim
+
+    def finish(self) -> None:
+        """The run is committed: delete its checkpoints and drop the claim."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._claim.release(remove=True)
+
+    def release(self) -> None:
+        """Drop the claim, keeping the checkpoints (a later ``--resume`` continues from them)."""
+        self._claim.release()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+
+def _choose(r: AdapterRef, versions: dict[int, str], statuses: tuple[str, ...] | None = None) -> int | None:
+    """The version number ``r`` names in a task's statuses (see :meth:`Store.get`), or None."""
+    if r.version is not None:
+        return r.version if r.version in versions else None
+    if r.latest:
+        return max(versions, default=None)
+    active = [v for v, s in versions.items() if s == "active"]
+    if active or statuses is not None:
+        return max(active, default=None)
+    return max((v for v, s in versions.items() if s in ("candidate", "archived")), default=None)

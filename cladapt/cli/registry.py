@@ -1,4 +1,4 @@
-"""Registry commands: init, verify, list, show, rm, export, generate."""
+"""Registry commands: init, verify, gc, list, show, rm, export, generate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from cladapt.cli import route as route_cli
-from cladapt.cli.common import console, echo_json, open_store, registry_option
+from cladapt.cli.common import console, echo_json, err_console, open_store, registry_option
 
 
 @click.group("registry")
@@ -34,16 +34,52 @@ def registry_init(path: Path | None) -> None:
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--reindex", is_flag=True, help="rebuild the index from the manifests first")
 def registry_verify(path: Path | None, reindex: bool) -> None:
-    """Re-hash every blob and check the index against the manifests; exit 1 on any problem."""
+    """Check every stored byte and the index against the manifests; exit 1 on any problem.
+
+    Covered: version files, manifests, status files, evaluations, the policy, shared state, the
+    audit log (hash chain) and the index. Files from before these checksums, and leftovers of
+    killed processes in .work (removed by `registry gc`), are listed but are not problems.
+    """
     store = open_store(path)
-    problems = store.verify(reindex=reindex)
-    for p in problems:
+    report = store.verify_report(reindex=reindex)
+    for p in report.problems:
         console.print(f"[red]{p.where}[/]: {p.message}", highlight=False)
-    if problems:
-        console.print(f"[bold red]{len(problems)} problem(s)[/]")
+    for item in report.not_covered:
+        console.print(f"[yellow]not covered[/]: {item}", highlight=False)
+    if report.leftovers:
+        shown = ", ".join(report.leftovers[:5]) + (" ..." if len(report.leftovers) > 5 else "")
+        console.print(f"[yellow]{len(report.leftovers)} leftover(s)[/] of killed processes: {shown} "
+                      "(`cladapt registry gc` removes them; .work/runs/* are resumable checkpoints)", highlight=False)
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem(s)[/]")
         sys.exit(1)
-    n = len(store.list())
-    console.print(f"[green]registry OK[/]: {n} version(s), every blob matches its sha256")
+    c = report.checked
+    console.print(
+        f"[green]registry OK[/]: {c['versions']} version(s): {c['files']} file(s) and {c['manifests']} manifest(s) "
+        f"match their sha256; {c['evaluations']} evaluation(s), {c['shared']} shared folder(s), the policy and "
+        f"{c['audit lines']} audit line(s) checked" + (" (except what is listed as not covered)" if report.not_covered else ""),
+        highlight=False,
+    )
+
+
+@registry_group.command("gc")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--runs", is_flag=True, help="also remove unclaimed run checkpoints (what `train --resume` continues from)")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+def registry_gc(path: Path | None, runs: bool, dry_run: bool) -> None:
+    """Remove leftovers of killed processes from .work (staging folders, trash, temporaries).
+
+    Folders a live process holds are never touched.
+    """
+    store = open_store(path)
+    if dry_run:
+        doomed = [p for p in store.leftovers() if runs or not p.startswith(".work/runs/")]
+        for item in doomed:
+            console.print(item, highlight=False)
+        console.print(f"{len(doomed)} leftover(s) would be removed")
+        return
+    removed = store.gc(runs=runs)
+    console.print(f"removed {len(removed)} leftover(s)" + (f": {', '.join(removed[:10])}" if removed else ""), highlight=False)
 
 
 def _record_row(r: object) -> dict[str, object]:
@@ -70,11 +106,14 @@ def _fmt_metrics(metrics: dict[str, object]) -> str:
 @registry_option
 @click.option("--task", default=None, help="only this task")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (always every version)")
-@click.option("--limit", type=int, default=200, show_default=True, help="table: the newest N versions (0: all)")
+@click.option("--limit", type=click.IntRange(min=0), default=200, show_default=True,
+              help="table: the newest N versions (0: all)")
 def list_cmd(registry: Path | None, task: str | None, as_json: bool, limit: int) -> None:
     """Every version: task, version, status, method, rank, base model, created, metrics."""
     store = open_store(registry)
     records = store.list(task)
+    for p in store.unlisted(task):  # never drop a version without a word
+        err_console.print(f"[yellow]warning:[/] {p.where} is not listed: {p.message}", highlight=False)
     if as_json:
         echo_json([_record_row(r) for r in records])
         return
@@ -138,11 +177,24 @@ def show_cmd(ref: str, registry: Path | None, as_json: bool) -> None:
 @click.argument("ref")
 @registry_option
 @click.option("--force", is_flag=True, help="remove even if later versions list it as a parent")
-def rm_cmd(ref: str, registry: Path | None, force: bool) -> None:
-    """Remove one version (refuses if a later version depends on it, unless --force)."""
+@click.option("--yes", "-y", is_flag=True, help="do not ask before removing an active version")
+def rm_cmd(ref: str, registry: Path | None, force: bool, yes: bool) -> None:
+    """Remove one version, REF = TASK@N (refuses if a later version depends on it, unless --force).
+
+    Removing the task's active version asks first (or takes --yes).
+    """
+    from cladapt.registry import AdapterRef
+
+    parsed = AdapterRef.parse(ref)
+    if parsed.version is None:
+        raise click.UsageError(f"rm needs an explicit version such as {parsed.task}@1, not {ref!r} (see `cladapt list`)")
     store = open_store(registry)
-    rec = store.get(ref)
-    store.remove(f"{rec.task}@{rec.version}", force=force)
+    rec = store.get(parsed)
+    if rec.status == "active" and not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(f"{rec.ref} is the active version of {rec.task}; pass --yes to remove it")
+        click.confirm(f"{rec.ref} is the active version of {rec.task}; remove it?", abort=True)
+    store.remove(rec.ref, force=force)
     console.print(f"removed {rec.task}@{rec.version}")
 
 
@@ -180,12 +232,14 @@ def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool) -> No
 @click.option("--adapter", "adapters", multiple=True, help="version(s) to apply (task or task@N)")
 @click.option("--compose", type=click.Choice(["sum"]), default=None, help="all active sum-composed adapters at once")
 @click.option("--base-model", default=None, help="override the base model recorded in the adapter")
-@click.option("--max-new-tokens", type=int, default=64)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="a picture shown with every prompt (vision-language bases; repeatable)")
 @click.option("--router", default=None, help="route each prompt without a task id (dtkr, mos, arrow, ...; `cladapt route list`)")
 @route_cli.router_options
 def generate_cmd(
     prompts: tuple[str, ...], registry: Path | None, adapters: tuple[str, ...], compose: str | None,
-    base_model: str | None, max_new_tokens: int, router: str | None, settings: tuple[str, ...], top_k: int | None,
+    base_model: str | None, max_new_tokens: int, images: tuple[Path, ...], router: str | None, settings: tuple[str, ...], top_k: int | None,
     compositions: str,
 ) -> None:
     """Answer PROMPTS with the base model plus adapter(s), greedy, through the chat template.
@@ -193,12 +247,16 @@ def generate_cmd(
     \b
     cladapt generate --adapter amazon "..."        # one version
     cladapt generate --router dtkr "..." "..."     # each prompt routed on its own; shows the adapter it used
+    cladapt generate --adapter vqa --image photo.png "What is on the table?"
     """
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import load
     from cladapt.generation import generate
+    from cladapt.train.vision_data import image_prompts
 
     if router is not None:
+        if images:
+            raise click.UsageError("--image is not routed: pick the adapter with --adapter")
         if adapters or compose:
             raise click.UsageError("--router chooses the adapters itself: drop --adapter/--compose")
         session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
@@ -219,6 +277,7 @@ def generate_cmd(
         if base_id is None:
             raise click.UsageError("the registry is empty; pass --base-model to talk to a base model alone")
     model, tok, info = load(base_id)
+    conversations = image_prompts(list(prompts), [str(i) for i in images], tok)
     with tempfile.TemporaryDirectory() as tmp:
         if adapters:
             model, names = attach(model, store, info, list(adapters))
@@ -230,7 +289,7 @@ def generate_cmd(
             label = f"sum of {', '.join(used)}"
         else:
             label = "base model"
-        answers = generate(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=max_new_tokens)
+        answers = generate(model, tok, conversations, max_new_tokens=max_new_tokens)
     for p, a in zip(prompts, answers, strict=True):
         console.print(f"[dim]({label})[/] [bold]{p}[/]", highlight=False)
         click.echo(a)

@@ -4,6 +4,10 @@ Stages and commits ``count`` versions of one task. Run either as a script
 (``python _worker.py ROOT TASK COUNT``, used by the crash tests with ``CLADAPT_TEST_CRASH_AT``) or
 through ``runpy.run_path`` from a ``multiprocessing`` spawn context, with ``ARGV`` and an optional
 ``GO`` event in the initial globals so that several processes commit at the same moment.
+
+The other operations the fault-injection tests kill: ``python _worker.py --promote ROOT REF``,
+``--rollback ROOT TASK``, ``--rm ROOT REF``, and ``--index-txn ROOT`` (a raw SQLite write
+transaction on the index, killed before COMMIT: what any killed index writer leaves).
 """
 
 from __future__ import annotations
@@ -46,5 +50,37 @@ def main(argv: list[str], go: Any = None) -> None:
         store.commit(staging, reason=f"worker {os.getpid()}")
 
 
+def other(op: str, root: str, arg: str) -> None:
+    import signal
+    import sqlite3
+
+    from cladapt.registry.store import Store
+
+    if op == "--index-txn":
+        conn = sqlite3.connect(f"{root}/index.sqlite", isolation_level=None)
+        conn.execute("PRAGMA cache_size=1")  # spill changed pages into the file before COMMIT
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE versions SET status='rejected', created='1999-01-01T00:00:00.000Z'")
+        conn.execute("DELETE FROM versions WHERE version=1")
+        os.kill(os.getpid(), signal.SIGKILL)
+    store = Store.open(root)
+    if op == "--promote":
+        from cladapt.train.gate import promote
+
+        promote(store, arg, reason="worker")
+    elif op == "--rollback":
+        from cladapt.train.gate import rollback
+
+        rollback(store, arg, reason="worker")
+    elif op == "--rm":
+        store.remove(arg, reason="worker")
+    else:
+        raise SystemExit(f"unknown operation {op}")
+
+
 if __name__ == "__main__":
-    main(globals().get("ARGV") or sys.argv[1:], globals().get("GO"))
+    argv = globals().get("ARGV") or sys.argv[1:]
+    if argv and argv[0].startswith("--"):
+        other(argv[0], argv[1], argv[2] if len(argv) > 2 else "")
+    else:
+        main(argv, globals().get("GO"))

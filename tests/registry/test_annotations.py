@@ -111,6 +111,9 @@ def test_run_dir_and_clean_work(store: Store) -> None:
     run = store.run_dir("amazon", "run-1")
     assert run.is_dir() and store.root / ".work" in run.parents
     staging = store.stage("amazon")
-    assert store.clean_work(older_than_s=3600) == 0  # fresh staging is kept
+    assert store.clean_work(older_than_s=-1) == 0  # a live process's staging is claimed: kept
+    staging.claim.release()  # what the kernel does when the process dies
+    assert store.clean_work(older_than_s=3600) == 0  # younger than the cut-off
     assert store.clean_work(older_than_s=-1) == 1
     assert not staging.dir.exists()
+    assert list((store.root / ".work" / "staging").iterdir()) == []  # the lock file went with it

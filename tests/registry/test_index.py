@@ -34,26 +34,37 @@ def test_deleted_or_corrupt_index_is_rebuilt(store: Store, commit) -> None:
 
 
 def test_external_status_edit_is_picked_up(store: Store, commit) -> None:
+    """A hand edit in the old, checksum-less format is read; one that breaks the checksum is not trusted."""
     commit("amazon")
     path = store.root / "tasks/amazon/status.json"
-    status = json.loads(path.read_text())
-    status["versions"]["1"] = "rejected"
+    original = json.loads(path.read_text())
+    edited = {k: v for k, v in original.items() if k != "checksum"} | {"format": 1}
+    edited["versions"] = {"1": "rejected"}
+    edited["generation"] += 1
+    path.write_text(json.dumps(edited))
+    assert store.get("amazon@1").status == "rejected"
+    status = dict(original)
+    status["versions"] = {"1": "candidate"}  # an edit that leaves the old checksum in place
+    status["generation"] += 2
     status["generation"] += 1
     path.write_text(json.dumps(status))
-    assert store.get("amazon@1").status == "rejected"
+    assert store.get("amazon@1").status == "rejected"  # rebuilt from the index, not the damaged file
+    assert any(e["action"] == "recover" for e in store.audit_log())
 
 
-def test_index_drift_is_reported_and_fixed_by_reindex(store: Store, commit) -> None:
+def test_tampered_index_row_is_never_returned(store: Store, commit) -> None:
     commit("amazon")
     import sqlite3
 
     with sqlite3.connect(store.root / "index.sqlite") as conn:
         conn.execute("UPDATE versions SET method='tampered'")
     conn.close()
-    problems = store.verify()
-    assert any("index row differs" in p.message for p in problems)
-    assert store.verify(reindex=True) == []
-    assert store.get("amazon@1").method == "lora"
+    assert [r.method for r in store.list()] == ["lora"]  # the row checksum fails: rebuilt, not trusted
+    with sqlite3.connect(store.root / "index.sqlite") as conn:
+        conn.execute("UPDATE versions SET method='tampered'")
+    conn.close()
+    assert store.get("amazon").method == "lora"
+    assert store.verify() == []
 
 
 def test_version_removed_behind_our_back(store: Store, commit) -> None:

@@ -48,13 +48,22 @@ def test_audit_log_is_append_only_jsonl(store: Store, commit) -> None:
     store.set_status("amazon@1", "rejected", "worse")
     lines = (store.root / "audit.jsonl").read_text().splitlines()
     assert [json.loads(line)["action"] for line in lines] == ["init", "commit", "commit", "status", "status"]
-    # A torn last line (writer killed mid-append) is skipped, and the next append starts a new line.
+    # A torn last line (writer killed mid-append) is skipped by readers, and cut by the next append.
     with open(store.root / "audit.jsonl", "a") as fh:
         fh.write('{"time": "torn')
+    assert len(store.audit_log()) == 5
     store.set_status("amazon@2", "candidate", "re-evaluate")
     actions = [e["action"] for e in store.audit_log()]
     assert actions[-1] == "status" and len(actions) == 6
-    assert any("audit.jsonl" in p.where for p in store.verify())
+    assert "torn" not in (store.root / "audit.jsonl").read_text()
+    assert store.verify() == []
+    # A damaged line in the middle is a problem verify names (JSON broken, or the hash chain).
+    lines = (store.root / "audit.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace('"commit"', '"commiT"')
+    (store.root / "audit.jsonl").write_text("".join(lines))
+    assert [p.message for p in store.verify() if p.where == "audit.jsonl"] == [
+        "line 3 does not match its hash chain (the line, or the one before it, was altered)"
+    ]
 
 
 def test_remove_refuses_with_dependants_then_force(store: Store, commit) -> None:
