@@ -48,6 +48,7 @@ from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, 
 from cladapt.adapters.linalg import group_norms
 from cladapt.adapters.lora_layers import check_sum_capacity, factor_params, lora_layers
 from cladapt.errors import CladaptError
+from cladapt.vision import forward_inputs
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -183,7 +184,7 @@ class GSLoRA(CLMethod):
         tot = {"ce_sum": 0.0, "tokens": 0, "token_hits": 0, "rows": 0, "row_hits": 0}
         try:
             for batch in itertools.islice(loader, self.config.eval_batches):
-                out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+                out = model(**forward_inputs(batch, dev))
                 s = answer_stats(out.logits, batch["labels"].to(dev))
                 if int(s["tokens"]) == 0:
                     continue
@@ -206,8 +207,7 @@ class GSLoRA(CLMethod):
         dev = next(model.parameters()).device
         if hidden is None:
             out = model(
-                input_ids=batch["input_ids"].to(dev),
-                attention_mask=batch["attention_mask"].to(dev),
+                **forward_inputs(batch, dev),
                 output_hidden_states=True,
             )
             hidden = out.hidden_states[-1]
@@ -255,8 +255,7 @@ class GSLoRA(CLMethod):
         fb = self._next_forget()
         dev = next(model.parameters()).device
         out_f = model(
-            input_ids=fb["input_ids"].to(dev),
-            attention_mask=fb["attention_mask"].to(dev),
+            **forward_inputs(fb, dev),
             output_hidden_states=self.config.prototypes,
             use_cache=False,
         )

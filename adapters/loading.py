@@ -55,15 +55,20 @@ def write_merged(store: Store, recs: list[VersionRecord], out_dir: Path, base_id
     if not recs:
         raise NotFound("no adapters to merge", hint="train a sum-composed method first (olora, inc-lora, ...)")
     parts = []
+    scopes = set()
     for rec in recs:
         state, cfg = _read_adapter(store, rec)
         parts.append(factors(state, cfg))
+        scopes.add(json.dumps(cfg.get("target_modules"), sort_keys=True))
     state, ranks = rank_concat(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = concat_config(ranks, base_id)
     cfg["peft_type"] = "LORA"
     cfg["target_modules"] = sorted(cfg["target_modules"])
+    scope = json.loads(scopes.pop()) if len(scopes) == 1 else None
+    if isinstance(scope, str):  # a regex (vision-language bases: the language model only) stays exact
+        cfg["target_modules"] = scope
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=list))
     return ranks
 

@@ -18,6 +18,7 @@ import torch
 
 from cladapt.adapters.base import TRAIN_ADAPTER, History, HistoryEntry
 from cladapt.errors import CapacityError
+from cladapt.vision import forward_inputs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -151,7 +152,7 @@ def input_covariances(model: nn.Module, layers: dict[str, Any], loader: Iterable
                 mask = batch["attention_mask"].to(device).reshape(-1).bool()
                 state["mask"], state["last"] = mask, None
                 groups.clear()
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                model(**forward_inputs(batch, device))  # image rows with their pixels
                 stats.tokens += int(mask.sum())
     finally:
         state["last"] = None

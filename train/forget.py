@@ -26,8 +26,8 @@ import torch
 from cladapt.train.chat import encode_all
 from cladapt.train.data import Example, load_examples
 from cladapt.train.extensions import build_extensions
-from cladapt.train.loop import Collator
 from cladapt.train.run import RunContext, RunExtension, train_task
+from cladapt.train.vision_encode import collator_for
 
 if TYPE_CHECKING:
     from cladapt.base_model import BaseModelInfo
@@ -47,7 +47,7 @@ def forget_extension(forget: list[Example], info: dict[str, Any]) -> RunExtensio
         t = ctx.config.train
         encoded, stats = encode_all(ctx.tokenizer, forget, max_length=t.max_length, overlong=t.overlong)
         rows = [
-            {"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i}
+            {"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i, **e.extra}
             for i, e in enumerate(encoded)
         ]
         gen = torch.Generator().manual_seed(t.seed)
@@ -56,7 +56,7 @@ def forget_extension(forget: list[Example], info: dict[str, Any]) -> RunExtensio
             batch_size=t.batch_size,
             shuffle=True,
             generator=gen,
-            collate_fn=Collator(ctx.tokenizer.pad_token_id),
+            collate_fn=collator_for(ctx.tokenizer),
         )
         ctx.task_extra.update(
             forget_loader=loader,

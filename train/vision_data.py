@@ -121,3 +121,23 @@ def parse_message(m: dict[str, Any], at: str, folder: Path, issues: list[Issue])
 def has_images(m: Any) -> bool:
     """Whether a raw chat message uses the image spellings (parts list or an ``images`` key)."""
     return isinstance(m, dict) and (isinstance(m.get("content"), list) or "images" in m)
+
+
+def image_prompts(prompts: list[str], images: list[str], tokenizer: Any) -> list[list[dict[str, Any]]]:
+    """One user turn per prompt, each showing ``images`` (paths relative to the working directory).
+
+    What ``cladapt generate --image`` asks the model.
+
+    Raises:
+        DataError: an image is missing or unreadable, or the base model is text-only.
+    """
+    from cladapt.errors import DataError
+    from cladapt.vision import processor_of
+
+    issues: list[Issue] = []
+    found = image_list(list(images), Path.cwd(), "--image", issues) if images else []
+    if images and processor_of(tokenizer) is None:
+        issues.append(Issue("--image", "the base model is text-only; images need a vision-language base"))
+    if issues:
+        raise DataError(issues)
+    return [[{"role": "user", "content": p, **({"images": found} if found else {})}] for p in prompts]
