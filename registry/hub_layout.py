@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cladapt.errors import IntegrityError, RegistryError
 from cladapt.registry.manifest import FORBIDDEN_SUFFIXES, format_validation_error
-from cladapt.registry.refs import AdapterRef, validate_relpath
+from cladapt.registry.refs import AdapterRef, validate_name, validate_relpath, validate_shared_key
 
 INDEX_FILE = "cladapt-hub.json"
 INDEX_FORMAT = 1
@@ -149,6 +149,22 @@ class HubShared(BaseModel):
     kind: str
     key: str
     files: dict[str, HubFile]
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        try:
+            return validate_name(value, what="shared-state kind")
+        except RegistryError as exc:
+            raise ValueError(exc.message) from exc
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        try:
+            return validate_shared_key(value)
+        except RegistryError as exc:
+            raise ValueError(exc.message) from exc
 
 
 class HubIndex(BaseModel):

@@ -68,3 +68,18 @@ def test_offline_mode_is_named(src_store: Store, monkeypatch: Any) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = run("push", "--all", "--repo", "org/x", "--registry", src_store.root, "--base-model-id", BASE_ID, ok=False)
     assert result.exit_code == 2 and "HF_HUB_OFFLINE" in result.output
+
+
+def test_token_from_the_login_cache(hub_env: Any, src_store: Store, tmp_path: Path, monkeypatch: Any) -> None:
+    from huggingface_hub import constants
+
+    token_file = tmp_path / "hf-home" / "token"  # where `hf auth login` writes it
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(hub_env.token)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    monkeypatch.delenv("HF_TOKEN")
+    run("push", "sentiment@1", "--repo", "org/from-cache", "--registry", src_store.root, "--base-model-id", BASE_ID)
+    assert "org/from-cache" in hub_env.repos
+    token_file.write_text("hf_wrong")
+    result = run("push", "sentiment@1", "--repo", "org/other", "--registry", src_store.root, "--base-model-id", BASE_ID, ok=False)
+    assert result.exit_code == 1 and "refused the credentials" in result.output and "org/other" not in hub_env.repos

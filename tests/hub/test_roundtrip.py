@@ -151,3 +151,20 @@ def test_tags_and_revisions_pin_what_is_pulled(hub_env: Any, src_store: Store, t
     assert {v.remote for v in res.versions} == {"sentiment@1", "sentiment@2", "topics@1"}  # topics and its ancestors
     branch = push(src_store, "org/one", "sentiment@3", base_model_id=BASE_ID, revision="dev")
     assert hub_env.repos["org/one"].branches["dev"] == branch.commit and "main" in hub_env.repos["org/one"].branches
+
+
+def test_pull_checks_the_base_model_fingerprint(hub_env: Any, src_store: Store, tmp_path: Path, tiny_base_path: Path) -> None:
+    import shutil
+
+    from cladapt.errors import IncompatibleBaseModel
+
+    push(src_store, REPO, base_model_id=BASE_ID)
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_base_path, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6}))
+    dst = Store.init(tmp_path / "dst")
+    with pytest.raises(IncompatibleBaseModel, match="3 version\\(s\\) were trained on another base model"):
+        pull(dst, REPO, base_model=str(other))
+    assert dst.list() == []
+    assert len(pull(dst, REPO, base_model=str(tiny_base_path)).imported) == 3
