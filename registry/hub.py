@@ -12,7 +12,9 @@ writes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["PullResult", "PushResult", "plan_push", "pull", "push"]
 
 logger = logging.getLogger(__name__)
+_VERSION_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}__v[1-9][0-9]{0,8}")
 
 
 @dataclass
@@ -90,7 +93,14 @@ def _version_uploads(store: Store, rec: VersionRecord, folder: str, base_id: str
     add("adapter/README.md", version_card(card, repo_id).encode())
     add("manifest.json", (rec.path / "manifest.json").read_bytes())
     for path in eval_files:
-        add(f"evals/{path.name}", path.read_bytes())
+        if path.is_symlink() or not path.is_file():
+            raise IntegrityError(f"{rec.ref}: evaluation {path.name} is not a regular file; refusing to publish it")
+        data = path.read_bytes()
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{rec.ref}: evaluation {path.name} is not valid JSON ({exc})", hint="run `cladapt registry verify`") from exc
+        add(f"evals/{path.name}", data)
     return uploads, card
 
 
@@ -166,7 +176,7 @@ def _managed(path: str) -> bool:
     return (
         path in (INDEX_FILE, "policy.json", "README.md", "adapter_config.json", "adapter_model.safetensors")
         or head in ("shared", "cladapt")
-        or ("__v" in head and "/" in path)
+        or (_VERSION_FOLDER.fullmatch(head) is not None and "/" in path)
     )
 
 

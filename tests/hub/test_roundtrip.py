@@ -168,3 +168,14 @@ def test_pull_checks_the_base_model_fingerprint(hub_env: Any, src_store: Store, 
         pull(dst, REPO, base_model=str(other))
     assert dst.list() == []
     assert len(pull(dst, REPO, base_model=str(tiny_base_path)).imported) == 3
+
+
+def test_a_version_removed_locally_is_deleted_in_the_next_push(hub_env: Any, src_store: Store) -> None:
+    push(src_store, REPO, base_model_id=BASE_ID)
+    hub_env.put_raw(REPO, "LICENSE", b"MIT")  # the owner's own file
+    src_store.remove("topics@1")
+    res = push(src_store, REPO, base_model_id=BASE_ID)
+    assert res.deletes and all(p.startswith("topics__v1/") for p in res.deletes)
+    files = hub_env.head_files(REPO)
+    assert not any(p.startswith("topics__v1/") for p in files) and "LICENSE" in files
+    assert "topics@1" not in files["cladapt-hub.json"].decode()
