@@ -127,6 +127,11 @@ class Engine:
         with self.lock:
             self.model.delete_adapter(name)
             self.loaded.discard(name)
+            if not self.loaded:
+                # PEFT keeps pointing its active adapter at the deleted last one; unwrap to the plain
+                # model so the next load starts clean
+                self.model = self.model.unload()
+                self.model.eval()
 
     # ------------------------------------------------------------------ decoding
 

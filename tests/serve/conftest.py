@@ -21,11 +21,11 @@ def served_registry(tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Pa
     from cladapt.registry.store import Store
 
     store = Store.init(tmp_path_factory.mktemp("served") / "reg")
-    _, _, info = load(str(tiny_base_path))
+    loaded = load(str(tiny_base_path))
     for seed, (task, prompts) in enumerate(ROUTE_TASKS.items(), start=1):
-        add_version(store, tiny_base_path, info, task, seed=seed, prompts=prompts)
+        add_version(store, loaded, task, seed=seed, prompts=prompts)
     for seed, task in enumerate(SUM_TASKS, start=10):
-        add_version(store, tiny_base_path, info, task, seed=seed, composition="sum")
+        add_version(store, loaded, task, seed=seed, composition="sum")
     return store.root
 
 

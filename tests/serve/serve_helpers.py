@@ -36,15 +36,17 @@ def lora_folder(base: Any, out: Path, *, seed: int, base_id: str, r: int = 4) ->
     model.unload()  # leaves the base model as it was, for the next adapter
 
 
-def add_version(store: Any, base_path: Path, info: Any, task: str, *, seed: int, composition: str = "route",
+def add_version(store: Any, loaded: tuple[Any, Any, Any], task: str, *, seed: int, composition: str = "route",
                 prompts: list[str] | None = None, r: int = 4, status: str = "active") -> Any:
-    """Commit one version like training does (with a routing signature when ``prompts`` are given)."""
-    from cladapt.base_model import load
+    """Commit one version like training does (with a routing signature when ``prompts`` are given).
+
+    ``loaded`` is the base model's ``(model, tokenizer, info)``; the model is left unchanged.
+    """
     from cladapt.features import SIGNATURE_STEM, build_signature
 
-    model, tok, _ = load(str(base_path))
+    model, tok, info = loaded
     with store.stage(task) as staging:
-        lora_folder(model, staging.adapter_dir, seed=seed, base_id=str(base_path), r=r)
+        lora_folder(model, staging.adapter_dir, seed=seed, base_id=str(info.path), r=r)
         if prompts:
             sig = build_signature(model, tok, prompts, ["x"] * len(prompts), adapter=None, encoder=None,
                                   base_fingerprint=info.fingerprint)

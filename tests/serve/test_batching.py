@@ -1,0 +1,146 @@
+"""Mixed-adapter batches equal each request alone; capacity splits; a bounded queue; a bounded
+concurrent load with zero failures; a promote is served without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from serve_helpers import add_version, start_server
+
+from cladapt.serve.app import BackgroundServer, create_app
+from cladapt.serve.engine import BASE, Row, Sampling
+
+PROMPTS = ["the film was great", "the company does business", "a boring story", "science and technology",
+           "what is the topic", "yes no question"]
+MODELS = ["sentiment", "topics", "tiny", "sum", "topics@1", "sentiment@1"]
+
+
+def test_mixed_batch_equals_each_alone(served_registry, tiny_base_path) -> None:
+    server = start_server(served_registry, tiny_base_path)
+    try:
+        targets = [server.catalog.resolve(m) for m in MODELS]
+        keys = sorted({t.key for t in targets if t.key})
+        names = dict(zip(keys, server.cache.ensure(keys), strict=True))
+        ids = [server.engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+
+        def rows(idx: list[int], out: dict[int, str]) -> list[Row]:
+            return [Row(ids[i], names[targets[i].key] if targets[i].key else BASE, Sampling(max_tokens=3 + i),
+                        on_done=lambda r, i=i: out.__setitem__(i, r.text)) for i in idx]
+
+        together: dict[int, str] = {}
+        server.engine.run(rows(list(range(len(PROMPTS))), together))
+        alone: dict[int, str] = {}
+        for i in range(len(PROMPTS)):
+            server.engine.run(rows([i], alone))
+        assert together == alone
+        assert len({together[0], together[1], together[2], together[3]}) == 4  # the adapters really differ
+    finally:
+        server.close()
+
+
+async def _load(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def one(body: dict) -> httpx.Response:
+            async with sem:
+                return await client.post(url + "/v1/completions", json=body)
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_bounded_concurrent_load_zero_failures_same_answers(served_registry, tiny_base_path) -> None:
+    server = start_server(served_registry, tiny_base_path, max_batch_size=8, batch_window_ms=50, cache_capacity=2)
+    bodies = [{"model": MODELS[i % len(MODELS)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 5,
+               "temperature": 0} for i in range(24)]
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            solo = {i: httpx.post(bg.url + "/v1/completions", json=bodies[i], timeout=60).json() for i in range(6)}
+            responses = asyncio.run(_load(bg.url, bodies, concurrency=8))
+            assert [r.status_code for r in responses] == [200] * len(bodies)
+            for i, r in enumerate(responses):
+                assert r.json()["choices"][0]["text"] == solo[i % 6]["choices"][0]["text"]
+            metrics = httpx.get(bg.url + "/metrics").text
+        # batches of several rows happened, and 3 adapters through a cache of 2 forced evictions
+        sizes = [line for line in metrics.splitlines() if line.startswith('cladapt_batch_size_bucket{le="1.0"}')]
+        count = [line for line in metrics.splitlines() if line.startswith("cladapt_batch_size_count")]
+        assert float(sizes[0].split()[-1]) < float(count[0].split()[-1])
+        assert server.cache.stats.evictions > 0 and len(server.cache.loaded()) <= 2
+    finally:
+        server.close()
+
+
+def test_capacity_one_splits_mixed_batches(served_registry, tiny_base_path) -> None:
+    server = start_server(served_registry, tiny_base_path, cache_capacity=1, batch_window_ms=100)
+    bodies = [{"model": m, "prompt": "the film was great", "max_tokens": 3, "temperature": 0}
+              for m in ("sentiment", "topics", "sentiment", "topics")]
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            responses = asyncio.run(_load(bg.url, bodies, concurrency=4))
+        assert [r.status_code for r in responses] == [200] * 4
+        assert [r.headers["x-cladapt-adapter"] for r in responses] == ["sentiment@1", "topics@1"] * 2
+        assert server.cache.loaded() in (["sentiment@1"], ["topics@1"])
+    finally:
+        server.close()
+
+
+def test_full_queue_gets_503_with_retry_after(served_registry, tiny_base_path) -> None:
+    server = start_server(served_registry, tiny_base_path, max_queue=1, batch_window_ms=0, retry_after_s=2)
+    long = {"model": "tiny", "prompt": "the film", "max_tokens": 200, "temperature": 0}
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            responses = asyncio.run(_load(bg.url, [long] * 4, concurrency=4))
+            codes = sorted(r.status_code for r in responses)
+            assert codes[0] == 200 and 503 in codes
+            busy = next(r for r in responses if r.status_code == 503)
+            assert busy.headers["retry-after"] == "2" and busy.json()["error"]["code"] == 503
+            assert httpx.post(bg.url + "/v1/completions", json={**long, "max_tokens": 2}).status_code == 200
+            assert 'cladapt_rejected_requests_total' in httpx.get(bg.url + "/metrics").text
+    finally:
+        server.close()
+
+
+def test_promote_and_rollback_served_without_restart(served_registry, tiny_base_path) -> None:
+    from cladapt.base_model import load
+    from cladapt.registry.store import Store
+
+    server = start_server(served_registry, tiny_base_path, resolve_ttl_s=0)
+    body = {"model": "sentiment", "prompt": "the film was great", "max_tokens": 5, "temperature": 0}
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            first = httpx.post(bg.url + "/v1/completions", json=body, timeout=60)
+            assert first.headers["x-cladapt-adapter"] == "sentiment@1"
+            store = Store.open(served_registry)
+            add_version(store, load(str(tiny_base_path)), "sentiment", seed=99)  # a new train: sentiment@2 active
+            second = httpx.post(bg.url + "/v1/completions", json=body, timeout=60)
+            assert second.headers["x-cladapt-adapter"] == "sentiment@2"
+            assert second.json()["choices"][0]["text"] != first.json()["choices"][0]["text"]
+            listed = {m["id"]: m for m in httpx.get(bg.url + "/v1/models").json()["data"]}
+            assert listed["sentiment"]["cladapt"]["ref"] == "sentiment@2"
+            store.set_status("sentiment@2", "rejected", "rollback")
+            store.set_status("sentiment@1", "active", "rollback")
+            third = httpx.post(bg.url + "/v1/completions", json=body, timeout=60)
+            assert third.headers["x-cladapt-adapter"] == "sentiment@1"
+            assert third.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    finally:
+        server.close()
+
+
+def test_cache_checksums_are_verified_on_load(served_registry, tiny_base_path, tmp_path) -> None:
+    import shutil
+
+    from cladapt.errors import IntegrityError
+
+    reg = tmp_path / "reg"
+    shutil.copytree(served_registry, reg)
+    weights = reg / "tasks" / "qa" / "v1" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    server = start_server(reg, tiny_base_path)
+    try:
+        with pytest.raises(IntegrityError):
+            server.cache.ensure(["qa@1"])
+        assert server.cache.loaded() == []
+    finally:
+        server.close()
