@@ -98,7 +98,8 @@ def test_kill_before_rename_leaves_no_trace(store: Store, commit, worker: Path, 
 @pytest.mark.parametrize("task", ["amazon", "newtask"])
 @pytest.mark.parametrize(
     ("crash_at", "new_status"),
-    [("after_rename", "candidate"), ("after_status", "active"), ("after_index", "active")],
+    [("after_rename", "candidate"), ("after_status", "active"), ("in_index", "active"), ("after_index", "active"),
+     ("after_audit", "active")],
 )
 def test_kill_after_rename_is_repaired(store: Store, commit, worker: Path, task: str, crash_at: str, new_status: str) -> None:
     first = commit("amazon")
@@ -116,6 +117,12 @@ def test_kill_after_rename_is_repaired(store: Store, commit, worker: Path, task:
     if crash_at == "after_rename":
         # A half-finished commit is never silently made active; the repair is audited.
         assert any(e["action"] == "recover" for e in store.audit_log())
+    else:
+        # The commit reached status.json, so its audit event is written exactly once: the next
+        # open pays what the killed process owed, and never writes it twice.
+        commits = [e["ref"] for e in store.audit_log() if e["action"] == "commit"]
+        assert commits.count(f"{task}@{new_version}") == 1
+        assert (store.root / "tasks" / task / "status.json").read_text().count('"owed_audit": []') == 1
     reopened = Store.open(store.root)
     assert {str(r.ref): r.status for r in reopened.list()} == versions
     assert commit(task).version == new_version + 1
