@@ -43,6 +43,7 @@ import torch
 from pydantic import Field
 from typing_extensions import override
 
+from cladapt import distributed
 from cladapt.adapters.base import CLMethod, Composition, History, MethodConfig, Sidecars, TaskSpec
 from cladapt.adapters.linalg import (
     complement,
@@ -121,6 +122,25 @@ class InfLoRA(CLMethod):
         n = self.config.max_batches
         return itertools.islice(task.dataloader, n) if n else task.dataloader
 
+    def _covariances(self, model: PeftModel, task: TaskSpec) -> InputStats:
+        """Input covariances over the task's batches, pooled over processes.
+
+        With several processes each one streams its share of the batches and the token-weighted
+        sums are added up, so every process gets the covariance one process computes over the
+        same batches (and the same designed ``A`` and bases, whatever the number of processes).
+        """
+        n = len(task.dataloader) if self.config.max_batches is None else min(self.config.max_batches, len(task.dataloader))
+        if not distributed.split_evenly(n):
+            return input_covariances(model, self._layers, self._loader(task))
+        share = distributed.share(n)
+        mine = itertools.islice(self._loader(task), share.start, share.stop, share.step)
+        stats = input_covariances(model, self._layers, mine)
+        tokens = int(distributed.all_reduce_sum(torch.tensor(stats.tokens, dtype=torch.int64)))
+        for key, cov in stats.cov.items():
+            stats.cov[key] = distributed.all_reduce_sum(cov.double() * stats.tokens).div_(tokens).float()
+        stats.tokens = tokens
+        return stats
+
     def earlier_bases(self, history: History) -> dict[str, torch.Tensor]:
         """Module path -> union of the stored bases of every summed version of this method."""
         per_module: dict[str, list[torch.Tensor]] = {}
@@ -163,7 +183,7 @@ class InfLoRA(CLMethod):
                     a.copy_(project_rows(a, self.u_prev[path]))
 
     def _design(self, model: PeftModel, task: TaskSpec) -> None:
-        stats = input_covariances(model, self._layers, self._loader(task))
+        stats = self._covariances(model, task)
         for key, cov in stats.cov.items():
             members = [m for m, k in stats.module_key.items() if k == key]
             d = cov.shape[0]
@@ -229,7 +249,7 @@ class InfLoRA(CLMethod):
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
         c = self.config
         eps = eps_schedule(self.t, c.eps_start, c.eps_step, c.eps_max)
-        stats = input_covariances(model, self._layers, self._loader(task))
+        stats = self._covariances(model, task)
         bases, info = self.grow_bases(stats, eps)
         residual = self.residual()
         summary = {
