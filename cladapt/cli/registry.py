@@ -202,23 +202,47 @@ def rm_cmd(ref: str, registry: Path | None, force: bool, yes: bool) -> None:
 @click.argument("args", nargs=-1, metavar="[REF] OUT")
 @registry_option
 @click.option("--merged", is_flag=True, help="all active sum-composed adapters as ONE LoRA of rank sum(r_t)")
-def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool) -> None:
+@click.option("--vllm", is_flag=True, help="every active adapter, one folder each, plus the `vllm serve` line")
+@click.option("--base-model-id", default=None, help="--vllm: the model id vLLM serves (needed for a local base folder)")
+def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool, vllm: bool, base_model_id: str | None) -> None:
     """Write a plain PEFT adapter folder (loadable by PeftModel.from_pretrained and vLLM).
 
     \b
     cladapt export sentiment out/            # one version
     cladapt export --merged out/             # the summed task adapters as one LoRA
+    cladapt export --vllm out/               # every active adapter for `vllm serve --enable-lora`
     """
     from cladapt.adapters.export import export_merged, export_version
 
+    if vllm:
+        from cladapt.serve.export import export_vllm
+
+        if not args or len(args) > 2 or merged:
+            raise click.UsageError("--vllm takes [REF] OUT (default: every active version), not --merged")
+        done = export_vllm(open_store(registry), Path(args[-1]), base_model_id=base_model_id,
+                           refs=[args[0]] if len(args) == 2 else None)
+        for a in done.adapters:
+            console.print(f"exported {a['ref']} (r={a['r']}) to {a['path']}", highlight=False)
+        for ref in done.skipped:
+            console.print(f"[yellow]skipped {ref}[/]: trained on another base model", highlight=False)
+        console.print(f"base model {done.base_model}; --max-lora-rank {done.max_lora_rank}; "
+                      f"{done.out / 'lora-modules.json'}; run:", highlight=False)
+        click.echo(done.command)
+        return
     if merged:
         if len(args) != 1:
             raise click.UsageError("--merged takes only OUT: it merges every active sum-composed version")
-        result = export_merged(open_store(registry), Path(args[0]))
+        store = open_store(registry)
+        result = export_merged(store, Path(args[0]))
         console.print(
             f"exported {len(result.refs)} adapters ({', '.join(result.refs)}) "
             f"as one LoRA of rank {result.rank} to {result.out}"
         )
+        left_out = [str(r.ref) for r in store.list()
+                    if r.status == "active" and r.composition == "sum" and str(r.ref) not in result.refs]
+        if left_out:  # never leave adapters out without a word
+            err_console.print(f"[yellow]warning:[/] left out {', '.join(left_out)}: trained on another base model "
+                              "than the newest version's", highlight=False)
         return
     if len(args) != 2:
         raise click.UsageError("give REF (task or task@N) and OUT, or --merged OUT")
