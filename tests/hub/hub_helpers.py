@@ -24,7 +24,7 @@ def lora_files(base_path: Path, out: Path, *, seed: int, base_id: str = BASE_ID,
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     return out
 
 
