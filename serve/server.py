@@ -26,6 +26,7 @@ from cladapt.errors import CladaptError, ConfigError, Issue
 from cladapt.serve.batching import Batcher, Job
 from cladapt.serve.cache import AdapterCache, Catalog, Target
 from cladapt.serve.engine import Engine
+from cladapt.serve.export import HUB_IDS
 from cladapt.serve.metrics import Metrics
 from cladapt.serve.schemas import ServeConfig
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: the default base model's id on the Hub (what vLLM serves it as, and what exports must carry)
-HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def load_serve_config(files: Sequence[str | Path] = (), **options: Any) -> ServeConfig:

@@ -1,0 +1,109 @@
+"""The routing proxy end to end: in front of two fake vLLM servers and in front of ``cladapt serve``."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+
+import httpx
+import openai
+import pytest
+from fake_vllm import SERVED, FakeVllm
+
+from cladapt.registry.store import Store
+from cladapt.serve.app import BackgroundServer
+from cladapt.serve.proxy import ProxyConfig, build_proxy, create_proxy_app, rendezvous
+
+
+@pytest.fixture(scope="module")
+def fleet(served_registry):
+    fakes = [FakeVllm(), FakeVllm()]
+    with ExitStack() as stack:
+        ups = [stack.enter_context(BackgroundServer(f.app())) for f in fakes]
+        config = ProxyConfig(upstreams=[u.url for u in ups], router="dtkr",
+                             router_config={"space": "base", "groups": 1, "keys": 5, "retrieve": 1})
+        proxy = build_proxy(config, Store.open(served_registry))
+        front = stack.enter_context(BackgroundServer(create_proxy_app(proxy)))
+        yield front, proxy, dict(zip([u.url for u in ups], fakes, strict=True))
+
+
+def _upstream_of(fleet, ref):
+    _, proxy, fakes = fleet
+    return fakes[rendezvous(ref, proxy.upstreams)]
+
+
+def test_explicit_request_loads_exported_adapter_and_rewrites_model(fleet) -> None:
+    front, proxy, fakes = fleet
+    r = httpx.post(front.url + "/v1/completions", json={"model": "sentiment", "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cladapt-adapter"] == "sentiment@1"
+    body = r.json()
+    assert body["choices"][0]["text"] == "answered by sentiment@1" and body["model"] == "sentiment"
+    fake = _upstream_of(fleet, "sentiment@1")
+    loads = [c for c in fake.calls if c[0] == "load"]
+    assert loads[0][1]["lora_name"] == "sentiment@1"
+    cfg = json.loads(open(loads[0][1]["lora_path"] + "/adapter_config.json").read())
+    assert cfg["base_model_name_or_path"] == SERVED  # vLLM's resolvers refuse anything else
+    other = next(f for f in fakes.values() if f is not fake)
+    assert "sentiment@1" not in other.loras  # affinity: loaded on one upstream only
+    # a second request does not load again
+    httpx.post(front.url + "/v1/completions", json={"model": "sentiment@1", "prompt": "hi"})
+    assert len([c for c in fake.calls if c[0] == "load"]) == 1
+
+
+def test_streaming_routed_and_base_through_the_openai_client(fleet) -> None:
+    front, _, _ = fleet
+    client = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model="topics", messages=[{"role": "user", "content": "hi"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "answered by topics@1"
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "the company does business"}])
+    assert raw.headers["x-cladapt-adapter"] == "topics@1"
+    assert raw.parse().model_extra["cladapt"]["route"]["adapters"][0]["ref"] == "topics@1"
+    base = client.completions.create(model=SERVED, prompt="hi")
+    assert base.choices[0].text == f"answered by {SERVED}"
+    ids = {m.id for m in client.models.list().data}
+    assert {SERVED, "sentiment", "topics", "auto"} <= ids
+
+
+def test_upstream_restart_reloads_and_unknown_model_404(fleet) -> None:
+    front, _, _ = fleet
+    fake = _upstream_of(fleet, "news@1")
+    assert httpx.post(front.url + "/v1/completions", json={"model": "news", "prompt": "x"}).status_code == 200
+    fake.restart()
+    r = httpx.post(front.url + "/v1/completions", json={"model": "news", "prompt": "x"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "answered by news@1"
+    assert len([c for c in fake.calls if c[0] == "load" and c[1]["lora_name"] == "news@1"]) == 2
+    missing = httpx.post(front.url + "/v1/completions", json={"model": "nosuch", "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["message"] == "The model `nosuch` does not exist."
+    bad = httpx.post(front.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert bad.status_code == 400
+
+
+def test_rendezvous_is_stable_and_spreads() -> None:
+    ups = ["http://a:1", "http://b:1", "http://c:1"]
+    keys = [f"task{i}@1" for i in range(60)]
+    placed = [rendezvous(k, ups) for k in keys]
+    assert placed == [rendezvous(k, ups) for k in keys] and set(placed) == set(ups)
+    # adding an upstream moves only keys to the new one
+    moved = [(a, rendezvous(k, [*ups, "http://d:1"])) for k, a in zip(keys, placed, strict=True)]
+    assert all(new in (old, "http://d:1") for old, new in moved)
+
+
+def test_proxy_in_front_of_cladapt_serve(live, served_registry) -> None:
+    config = ProxyConfig(upstreams=[live.url], upstream_api_key="s3cret")
+    proxy = build_proxy(config, Store.open(served_registry))
+    body = {"model": "qa", "prompt": "the film was great", "max_tokens": 5, "temperature": 0}
+    with BackgroundServer(create_proxy_app(proxy)) as front:
+        via = httpx.post(front.url + "/v1/completions", json=body, timeout=60)
+        assert via.status_code == 200, via.text
+        assert via.headers["x-cladapt-adapter"] == "qa@1"
+        with httpx.stream("POST", front.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+            streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
+                               if line.startswith("data: {") and json.loads(line[6:])["choices"])
+    direct = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    # the upstream loaded the exported folder under the versioned name; same weights, same answer
+    assert "lora:qa@1" in live.server.cache.loaded()
+    assert via.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"] == streamed
+    auth = {"Authorization": "Bearer s3cret"}
+    assert httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "qa@1"}, headers=auth).status_code == 200
