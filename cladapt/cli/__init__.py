@@ -15,6 +15,7 @@ import click
 from cladapt import __version__
 from cladapt.cli import data, hub, methods, registry, route, train
 from cladapt.cli import eval as eval_cli
+from cladapt.cli import serve as serve_cli
 from cladapt.cli.common import err_console
 from cladapt.errors import CladaptError
 
@@ -70,7 +71,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     _setup_logging(verbose)
 
 
-for _module in (train, registry, methods, data, eval_cli, hub, route):
+for _module in (train, registry, methods, data, eval_cli, hub, route, serve_cli):
     for _command in _module.commands:
         cli.add_command(_command)
 
