@@ -13,11 +13,15 @@ Three measurements, each written to ``bench/results/routing*.json`` with machine
 ``latency``   (needs ``--registry``) milliseconds per single request for each router, against a
               32-token greedy generation with the routed adapter on the same model in the same run.
 ``scale``     DTKR routing time per request with N synthetic tasks (keys only; query embedding apart).
+``cl``        ``lora+<router>`` cells of a finished ``bench cl`` run: its lora versions served through a
+              router after every task, scored like the other cells (AA/BWT/FWT beside the oracle).
 
     python bench/routing.py accuracy --routers "dtkr,dtkr:groups=1:keys=1,dtkr:space=base"
     python bench/routing.py accuracy --registry bench/work/order1-small/lora --routers dtkr,mos,arrow --sets standard
     python bench/routing.py latency --registry REG --routers dtkr,mos,arrow
     python bench/routing.py scale --tasks 1000
+    python bench/routing.py cl --results bench/results/cl_order1_small.json --work bench/work/cl_order1_small \\
+        --routers dtkr,mos,arrow
 """
 
 from __future__ import annotations
@@ -196,6 +200,64 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "routing-latency", "results": out}
 
 
+def cl(args: argparse.Namespace) -> dict[str, Any]:
+    """``lora+<router>`` cells of ``bench cl``: the lora cell's versions served through a router.
+
+    After task k the candidates are the versions of tasks 0..k; every seen task and the next one are
+    scored as ``bench cl`` scores them (same sampled test rows, mode and budget), so AA, BWT and FWT
+    under routing sit beside ``lora`` (oracle) in the same results file.
+    """
+    from cladapt.base_model import load
+    from cladapt.registry.store import Store
+    from cladapt.route_eval import evaluate_routed
+    from cladapt.serve.routers.accuracy import routing_accuracy
+    from cladapt.serve.routers.session import RoutingSession
+    from cladapt.serve.routers.state import router_config
+    from cladapt.train import metrics as M
+    from cladapt.train.bench_cl import read_order
+    from cladapt.train.evaluate import load_eval_set
+
+    results = json.loads(args.results.read_text())
+    lora = results["cells"]["lora"]
+    tasks, b, profile = lora["tasks"], lora["b"], results["profile"]
+    _, labels = read_order(Path(results["data_dir"]), results["order"])
+    sets = {t: load_eval_set(Path(results["data_dir"]) / t / "test.jsonl", task=t, labels=labels[t] or None,
+                             limit=profile["test_rows"]) for t in tasks}
+    store = Store.open(args.work / "registries" / "lora")
+    loaded = load(lora["config"]["base_model"])
+    for spec in args.routers.split(","):
+        label, name, settings = parse_router(spec)
+        cfg = router_config(name, settings)
+        R: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+        acc_rows, started = [], time.time()
+        for k in range(len(tasks)):
+            session = RoutingSession(store, name, config=cfg, tasks=tasks[: k + 1], loaded=loaded)
+            gold: list[str] = []
+            routed: list[str | None] = []
+            for i in range(min(k + 2, len(tasks))):
+                es = sets[tasks[i]]
+                routes = session.route([ex.prompt_text for ex in es.examples])
+                res = evaluate_routed(session, es, routes, mode=profile["mode"], max_new_tokens=profile["max_new_tokens"],
+                                      batch_size=args.batch_size, precision=args.precision)
+                R[k][i] = res.score
+                if i <= k:
+                    gold += [tasks[i]] * len(routes)
+                    routed += [r.task for r in routes]
+            acc_rows.append(routing_accuracy(gold, routed).to_json())
+            loaded = (session.close(), loaded[1], loaded[2])
+            print(f"lora+{label} after {tasks[k]}: {[None if v is None else round(v, 1) for v in R[k]]} "
+                  f"routing {acc_rows[-1]['accuracy']:.1f}%", flush=True)
+        results["cells"][f"lora+{label}"] = {
+            "status": "done", "method": f"lora+{label}", "tasks": tasks, "refs": lora["refs"], "R": R, "b": b,
+            "metrics": M.summary(R, b), "routing": acc_rows, "router_config": cfg.model_dump(mode="json"),
+            "eval_seconds": round(time.time() - started, 1), "train_seconds": lora.get("train_seconds"),
+            "machine": machine(), "command": " ".join(sys.argv)}
+        args.results.write_text(json.dumps(results, indent=1))
+        print(f"lora+{label}: {results['cells'][f'lora+{label}']['metrics']} (oracle lora: {lora['metrics']})", flush=True)
+    return {"benchmark": "routing-cl", "results_file": str(args.results),
+            "cells": {k: v["metrics"] for k, v in results["cells"].items() if k.startswith("lora")}}
+
+
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -232,7 +294,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["accuracy", "latency", "scale"])
+    ap.add_argument("what", choices=["accuracy", "latency", "scale", "cl"])
     ap.add_argument("--data-dir", type=Path, default=DATA)
     ap.add_argument("--registry", type=Path, default=None, help="versions trained on the tasks (mos, arrow, latency)")
     ap.add_argument("--registry-base-model", default=None, help="override the base model recorded in the registry")
@@ -244,12 +306,18 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=200, help="test rows per task")
     ap.add_argument("--requests", type=int, default=50, help="latency/scale: requests timed")
     ap.add_argument("--tasks", type=int, default=1000, help="scale: synthetic tasks")
+    ap.add_argument("--results", type=Path, default=None, help="cl: a bench cl results JSON with a finished lora cell")
+    ap.add_argument("--work", type=Path, default=None, help="cl: that run's work folder (bench/work/cl_<order>_<profile>)")
+    ap.add_argument("--precision", default="auto", help="cl: autocast of the scoring passes (as bench cl profiles)")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.what == "latency" and args.registry is None:
         ap.error("latency needs --registry (versions trained on the benchmark's tasks)")
+    if args.what == "cl" and (args.results is None or args.work is None):
+        ap.error("cl needs --results (bench cl JSON with a lora cell) and --work (its work folder)")
     started = time.time()
-    result = {"accuracy": accuracy, "latency": latency, "scale": scale}[args.what](args)
+    result = {"accuracy": accuracy, "latency": latency, "scale": scale, "cl": cl}[args.what](args)
     result.update(command=" ".join(sys.argv), machine=machine(), seconds=round(time.time() - started, 1),
                   args={k: str(v) for k, v in vars(args).items()})
     out = args.out or ROOT / "bench" / "results" / f"routing_{args.what}.json"

@@ -51,13 +51,14 @@ def read_signature(store: Store, rec: VersionRecord) -> Signature | None:
     return Signature.from_parts(tensors, meta, where)
 
 
-def candidate_records(store: Store, base_fingerprint: str, *, compositions: Sequence[str] = ("route",)) -> list[VersionRecord]:
-    """Active versions on this base whose composition is in ``compositions``, oldest first."""
+def candidate_records(store: Store, base_fingerprint: str, *, compositions: Sequence[str] = ("route",),
+                      tasks: Sequence[str] | None = None) -> list[VersionRecord]:
+    """Active versions on this base whose composition is in ``compositions`` (and task in ``tasks``), oldest first."""
     bad = [c for c in compositions if c not in ROUTABLE]
     if bad:
         raise CladaptError(f"cannot route among {bad} versions", hint=f"routable compositions: {', '.join(ROUTABLE)}")
     recs = [r for r in store.list() if r.status == "active" and r.composition in compositions
-            and r.base_fingerprint == base_fingerprint]
+            and r.base_fingerprint == base_fingerprint and (tasks is None or r.task in tasks)]
     return sorted(recs, key=lambda r: (r.created, r.task, r.version))
 
 
@@ -77,9 +78,9 @@ def task_view(store: Store, rec: VersionRecord, *, with_signature: bool = True) 
 
 
 def task_views(store: Store, base_fingerprint: str, *, compositions: Sequence[str] = ("route",),
-               with_signatures: bool = True) -> list[TaskView]:
-    """Views of every candidate; a clear error when there is none."""
-    recs = candidate_records(store, base_fingerprint, compositions=compositions)
+               with_signatures: bool = True, tasks: Sequence[str] | None = None) -> list[TaskView]:
+    """Views of every candidate (of ``tasks`` only, when given); a clear error when there is none."""
+    recs = candidate_records(store, base_fingerprint, compositions=compositions, tasks=tasks)
     if not recs:
         raise CladaptError(
             f"no active {' or '.join(compositions)}-composed versions on this base model in {store.root}",

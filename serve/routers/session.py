@@ -45,18 +45,20 @@ class RoutingSession:
         base_model: override the base model recorded in the candidates.
         compositions: which versions are candidates (``route``; ``sum`` to pick among the
             sum-composed sequence's versions).
+        tasks: only these tasks' versions are candidates (default: every task).
         loaded: an already-loaded (model, tokenizer, info) to reuse (benchmarks, tests).
     """
 
     def __init__(self, store: Store, router: str, *, config: RouterConfig | None = None, base_model: str | None = None,
-                 compositions: Sequence[str] = ("route",), loaded: tuple[Any, Any, Any] | None = None,
-                 device: str | None = None) -> None:
+                 compositions: Sequence[str] = ("route",), tasks: Sequence[str] | None = None,
+                 loaded: tuple[Any, Any, Any] | None = None, device: str | None = None) -> None:
         from cladapt.base_model import load
 
         self.store = store
         base_id = base_model or base_model_of(store, compositions)
         self.model, self.tokenizer, self.info = loaded if loaded is not None else load(base_id, device=device)
-        self.router = build_router(store, router, self.info.fingerprint, config=config, compositions=compositions)
+        self.router = build_router(store, router, self.info.fingerprint, config=config, compositions=compositions,
+                                   tasks=tasks)
         wants_encoder = "encoder" in self.router.spaces
         try:
             encoder = load_encoder(required=wants_encoder, device=device)
@@ -66,8 +68,8 @@ class RoutingSession:
         if self.router.needs_model:
             own, _, _ = load(base_id, device=device)  # Arrow wraps its model in place: give it its own copy
             self.router.bind_model(own, self.tokenizer)
-        self.records = {f"{r.task}@{r.version}": r for r in candidate_records(store, self.info.fingerprint,
-                                                                            compositions=compositions)}
+        recs = candidate_records(store, self.info.fingerprint, compositions=compositions, tasks=tasks)
+        self.records = {f"{r.task}@{r.version}": r for r in recs}
         self.peft_names: dict[str, str] = {ref: rec.peft_name for ref, rec in self.records.items()}
         self.features = FeatureExtractor(self.model, self.tokenizer, encoder=encoder, adapter_loader=self.ensure)
 
@@ -85,6 +87,15 @@ class RoutingSession:
             self.model, _ = attach(self.model, self.store, self.info, [ref])
             self.features.model = self.model  # the base space must now go through the PeftModel (adapters off)
         return self.model, name
+
+    def close(self) -> Any:
+        """Remove every LoRA layer the session added; returns the base model as it was given (for reuse)."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.unload()
+            self.features.model = self.model
+        return self.model
 
     def route(self, prompts: Sequence[str], *, task_ids: Sequence[str | None] | None = None) -> list[Route]:
         """One route per prompt (each computed from that prompt alone)."""

@@ -78,6 +78,7 @@ def build_router(
     *,
     config: RouterConfig | None = None,
     compositions: Sequence[str] = ("route",),
+    tasks: Sequence[str] | None = None,
     views: Sequence[TaskView] | None = None,
 ) -> Router:
     """A router fitted on the registry's candidates (cached state reused, new versions fitted)."""
@@ -85,7 +86,8 @@ def build_router(
     cfg = config if config is not None else cls.Config(name=name)
     router = cls(cfg)
     if views is None:
-        views = task_views(store, base_fingerprint, compositions=compositions, with_signatures=cls.needs_signatures)
+        views = task_views(store, base_fingerprint, compositions=compositions, with_signatures=cls.needs_signatures,
+                           tasks=tasks)
     fit_cached(router, views, cache_folder(store, cfg))
     return router
 

@@ -128,3 +128,18 @@ def test_route_index_brings_an_old_registry_to_routing(tmp_path, tiny_base_path,
     assert again.exit_code == 1 and "--force" in again.output
     own = cli_run("route", "index", "--registry", trained["reg"], "--task", "topics", "--data", trained["topics"], ok=False)
     assert own.exit_code == 1 and "already has the signature" in own.output
+
+
+def test_route_eval_on_a_benchmark_folder_and_route_list(trained, tmp_path) -> None:
+    for task in ("sentiment", "topics"):
+        rows = [{**r, "task": task} for r in task_rows(task, 6)]
+        (tmp_path / "pack" / task).mkdir(parents=True)
+        write_jsonl(tmp_path / "pack" / task / "test.jsonl", rows)
+    out = cli_run("route", "eval", "--registry", trained["reg"], "--data-dir", tmp_path / "pack",
+                  "--tasks", "sentiment,topics", "--router", "dtkr", "--no-instruction", "--json").stdout
+    (run,) = json.loads(out)
+    assert run["n"] == 12 and set(run["confusion"]) == {"sentiment", "topics"}
+    table = cli_run("route", "eval", "--registry", trained["reg"], "--data-dir", tmp_path / "pack", "--limit", "3").output
+    assert "routing accuracy" in table and "dtkr: confusion" in table
+    listed = cli_run("route", "list").output
+    assert all(name in listed for name in ("oracle", "dtkr", "mos", "arrow", "sum")) and "retrieve = 2" in listed
