@@ -2,7 +2,8 @@
 
     python bench/cl_table.py bench/results/cl_order1_small.json bench/results/cl_order2_small.json ...
 
-One row per (order, method): AA, LA, BWT, FWT, FM (methods.md §11.2, strict exact match), AA of the
+One row per (order, method), with its LoRA shape (targets and rank: equal budgets unless the cell
+is a ``+preset`` variant): AA, LA, BWT, FWT, FM (methods.md §11.2, strict exact match), AA of the
 constrained (log-likelihood) score, the final format rate, general perplexity after the last task
 against the base model's, and the cell's wall time (every version's whole run: data, training,
 evaluation). A final block averages each method over the orders it ran on.
@@ -16,7 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["order", "method", "AA", "LA", "BWT", "FWT", "FM", "AA constrained", "format %", "ppl (base)", "wall min"]
+from cladapt.train.bench_cl import lora_label
+
+COLUMNS = ["order", "method", "LoRA", "AA", "LA", "BWT", "FWT", "FM", "AA constrained", "format %", "ppl (base)", "wall min"]
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -36,9 +39,9 @@ def cell_values(cell: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def row(order: str, method: str, v: dict[str, float | None]) -> str:
+def row(order: str, method: str, v: dict[str, float | None], shape: str) -> str:
     ppl = "–" if v["ppl"] is None else f"{v['ppl']:.2f} ({_f(v['ppl_base'], 2)})"
-    cells = [order, f"`{method}`", *[_f(v[k]) for k in ("AA", "LA", "BWT", "FWT", "FM", "AA constrained", "format %")],
+    cells = [order, f"`{method}`", shape, *[_f(v[k]) for k in ("AA", "LA", "BWT", "FWT", "FM", "AA constrained", "format %")],
              ppl, _f(v["wall min"])]
     return "| " + " | ".join(cells) + " |"
 
@@ -49,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     per_method: dict[str, list[dict[str, float | None]]] = defaultdict(list)
+    shapes: dict[str, str] = {}
     for path in args.results:
         res = json.loads(path.read_text())
         for method, cell in res.get("cells", {}).items():
@@ -56,14 +60,15 @@ def main() -> None:
                 continue
             v = cell_values(cell)
             per_method[method].append(v)
-            lines.append(row(res["order"], method, v))
+            shapes[method] = lora_label((cell.get("config") or {}).get("lora") or {})
+            lines.append(row(res["order"], method, v, shapes[method]))
     if len(args.results) > 1:
         for method, vs in per_method.items():
             if len(vs) < 2:
                 continue
             mean = {k: (sum(x[k] for x in vs if x[k] is not None) / n if (n := sum(x[k] is not None for x in vs)) else None)
                     for k in vs[0]}
-            lines.append(row(f"mean of {len(vs)}", method, mean))
+            lines.append(row(f"mean of {len(vs)}", method, mean, shapes[method]))
     print("\n".join(lines))
 
 

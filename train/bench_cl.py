@@ -127,18 +127,27 @@ class BenchSpec:
 #: GeRe losses a ``+gere-<loss>`` variant may name (methods.md §5)
 REPLAY_LOSSES = ("tm", "lf", "kl", "l1", "l2")
 
+#: every cell trains the same LoRA shape, so methods are compared at equal targets and rank (and
+#: trainable parameters); a method preset with another shape (RegLoRA's all-layers SEFE preset)
+#: runs as the separately labelled ``+preset`` variant
+EQUAL_BUDGET = ["lora.r=8", 'lora.target_modules=["q_proj", "v_proj"]']
+
 
 def parse_cell(name: str, replay_data: Path | None = None) -> tuple[str, list[str]]:
-    """``method[+variant...]`` -> (method, ``--set`` overrides of the variants).
+    """``method[+variant...]`` -> (method, ``--set`` overrides of the cell).
 
-    Variants put the data pipeline on top of a method, each cell in its own registry:
-    ``+asd`` (answer-style diversification, base-model explanations) and ``+gere-<loss>`` (general
-    replay of 128 texts x 128 tokens from ``replay_data``, concatenated with the task rows), e.g.
-    ``seq-lora+asd``, ``olora+gere-lf``, ``inc-lora+asd+gere-tm``.
+    Every cell gets :data:`EQUAL_BUDGET` unless it carries ``+preset`` (the method preset's own
+    LoRA shape, e.g. ``reglora+preset``: all 7 linear layers). The other variants put the data
+    pipeline on top of a method, each cell in its own registry: ``+asd`` (answer-style
+    diversification, base-model explanations) and ``+gere-<loss>`` (general replay of 128 texts x
+    128 tokens from ``replay_data``, concatenated with the task rows), e.g. ``seq-lora+asd``,
+    ``olora+gere-lf``, ``inc-lora+asd+gere-tm``.
     """
     method, *variants = name.split("+")
-    sets: list[str] = []
+    sets: list[str] = [] if "preset" in variants else list(EQUAL_BUDGET)
     for variant in variants:
+        if variant == "preset":
+            continue
         if variant == "asd":
             sets.append("asd.enabled=true")
         elif variant.startswith("gere-") and variant[5:] in REPLAY_LOSSES:
@@ -148,9 +157,15 @@ def parse_cell(name: str, replay_data: Path | None = None) -> tuple[str, list[st
             sets += ["replay.enabled=true", f"replay.loss={variant[5:]}", f"replay.texts={replay_data}",
                      "replay.n_replay=128", "replay.max_tokens=128"]
         else:
-            known = ", ".join(["asd", *(f"gere-{loss}" for loss in REPLAY_LOSSES)])
+            known = ", ".join(["preset", "asd", *(f"gere-{loss}" for loss in REPLAY_LOSSES)])
             raise ConfigError([Issue("--methods", f"{name}: unknown variant {variant!r}")], hint=f"variants: {known}")
     return method, sets
+
+
+def lora_label(lora: dict[str, Any]) -> str:
+    """A LoRA shape as the tables show it: ``q,v r8``, ``q,k,v,o,gate,up,down r8``."""
+    targets = ",".join(str(t).removesuffix("_proj") for t in lora.get("target_modules") or [])
+    return f"{targets} r{lora.get('r')}"
 
 
 def _cfg(spec: BenchSpec, cell: str) -> Any:
@@ -216,6 +231,7 @@ def run_cell(
         "eval_seconds": round(sum(r.payload.get("seconds", 0.0) for r in rows), 1),
         "wall_seconds": cell_wall_seconds(store, [r.ref for r in rows]),
         "cell_seconds_this_run": round(time.time() - started, 1),
+        "lora_label": lora_label(cfg.lora.model_dump(mode="json")),
         "config": {"method": cfg.method.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json"),
                    "train": cfg.train.model_dump(mode="json"), "base_model": cfg.base_model},
         "machine": machine_info(), "command": " ".join(sys.argv),

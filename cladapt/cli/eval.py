@@ -340,7 +340,7 @@ def bench_group() -> None:
 @click.option("--profile", type=click.Choice(["smoke", "quick", "small", "full"]), default="small", show_default=True,
               help="smoke: 16 rows, 2 steps; quick: 160/60 rows; small: 300/100 rows; full: all rows")
 @click.option("--methods", default="lora,seq-lora,inc-lora,olora,mtl", show_default=True,
-              help="comma-separated; a method may carry variants: seq-lora+asd, olora+gere-lf")
+              help="comma-separated; a method may carry variants: seq-lora+asd, olora+gere-lf, reglora+preset")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--base-model", default=None)
 @click.option("--mode", type=click.Choice(["generate", "constrained", "both"]), default=None,
@@ -364,12 +364,14 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
     cladapt bench cl --data-dir ../shared/data/cl-benchmark --order order1 --profile small --methods lora,olora,mtl \\
         --ppl-data ../shared/data/general-replay/c4.jsonl
 
-    Methods take data-pipeline variants: seq-lora+asd, olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm.
+    Every cell trains LoRA on q_proj,v_proj at r 8 (equal budgets); +preset keeps the method preset's own
+    shape (reglora+preset: all linear layers). Methods take data-pipeline variants: seq-lora+asd,
+    olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm.
     Resumable: finished (order, method) cells and finished tasks inside a cell are reused.
     """
     from dataclasses import replace
 
-    from cladapt.train.bench_cl import PROFILES, BenchSpec, run_bench
+    from cladapt.train.bench_cl import PROFILES, BenchSpec, lora_label, run_bench
 
     if configs:
         raise click.UsageError("bench cl takes --set overrides only (the profile is the config)")
@@ -383,13 +385,14 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
                      ppl_files=list(ppl_data), ppl_samples=ppl_samples, replay_data=replay_data)
     path = run_bench(spec)
     results = json.loads(path.read_text())
-    table = Table("method", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "ppl (base)", "train s", "eval s",
+    table = Table("method", "LoRA", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "ppl (base)", "train s", "eval s",
                   title=f"{order} ({profile}): {' -> '.join(results['tasks'])}")
     for m in spec.methods:
         cell = results["cells"].get(m) or {}
         met, con = cell.get("metrics") or {}, cell.get("metrics_constrained") or {}
         ppl = f"{cell['ppl'][-1]:.2f} ({cell['ppl_base']:.2f})" if cell.get("ppl") else "–"
-        table.add_row(m, *[_n(met.get(k), 2) for k in ("AA", "LA", "BWT", "FWT", "FM")], _n(con.get("AA"), 2), ppl,
+        shape = lora_label(cell["config"]["lora"]) if cell.get("config") else cell.get("status", "–")
+        table.add_row(m, shape, *[_n(met.get(k), 2) for k in ("AA", "LA", "BWT", "FWT", "FM")], _n(con.get("AA"), 2), ppl,
                       _n(cell.get("train_seconds")), _n(cell.get("eval_seconds")))
     console.print(table)
     console.print(f"results: {path}\nreport: {path.with_suffix('')}/index.html")

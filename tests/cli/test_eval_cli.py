@@ -123,10 +123,11 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
 
 def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
     from cladapt.errors import ConfigError
-    from cladapt.train.bench_cl import parse_cell
+    from cladapt.train.bench_cl import EQUAL_BUDGET, parse_cell
 
-    assert parse_cell("seq-lora") == ("seq-lora", [])
-    assert parse_cell("olora+asd") == ("olora", ["asd.enabled=true"])
+    assert parse_cell("seq-lora") == ("seq-lora", EQUAL_BUDGET)
+    assert parse_cell("olora+asd") == ("olora", [*EQUAL_BUDGET, "asd.enabled=true"])
+    assert parse_cell("reglora+preset") == ("reglora", [])
     method, sets = parse_cell("inc-lora+asd+gere-lf", Path("c4.jsonl"))
     assert method == "inc-lora" and "replay.loss=lf" in sets and "replay.texts=c4.jsonl" in sets
     with pytest.raises(ConfigError, match="--replay-data"):
@@ -162,3 +163,15 @@ def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
     bad = run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora+gere-tm",
               "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code != 0 and "--replay-data" in bad.output
+
+
+def test_bench_cl_equal_budgets_and_the_labelled_preset_variant(tmp_path) -> None:
+    from cladapt.train.bench_cl import PROFILES, BenchSpec, _cfg, lora_label
+
+    spec = BenchSpec(tmp_path, "o1", PROFILES["small"], [], tmp_path)
+    shapes = {cell: _cfg(spec, cell).lora for cell in ("seq-lora", "olora", "inflora", "owlora", "reglora", "reglora+preset")}
+    # every method at q,v r 8; RegLoRA's SEFE preset (all linear layers) only as the +preset variant
+    assert {lora_label(s.model_dump()) for c, s in shapes.items() if c != "reglora+preset"} == {"q,v r8"}
+    assert lora_label(shapes["reglora+preset"].model_dump()) == "q,k,v,o,gate,up,down r8"
+    assert shapes["reglora"].alpha == shapes["reglora+preset"].alpha == 16  # the method's own scaling is kept
+    assert shapes["inflora"].scaling == 1.0
