@@ -11,6 +11,10 @@ evaluation) with the same evaluation as ``cladapt train --eval-on-history``. Bes
 * ``lora``: a fresh adapter per task with oracle task ids (``R[T][i] = R[i][i]``; the isolation
   upper bound).
 
+Every cell trains the same LoRA shape (:data:`EQUAL_BUDGET`: q_proj/v_proj, r 8) unless it is a
+``+preset`` variant, and runs in a child process of its own (:mod:`cladapt.train.bench_child`),
+training every task through :func:`cladapt.train.run.train_from_config` like ``cladapt train``.
+
 Resumable: a (order, method) cell whose result is in the JSON is skipped, and inside a cell every
 task already committed to that method's registry (under the work folder, ``bench/work`` from the
 CLI) is reused. Results go to
@@ -35,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cladapt.errors import ConfigError, DataError, Issue
+from cladapt.errors import CladaptError, ConfigError, DataError, Issue
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +301,6 @@ def run_bench(spec: BenchSpec) -> Path:
     import shutil
 
     from cladapt.adapters import METHODS
-    from cladapt.base_model import load as load_base
     from cladapt.train.evaluate import load_eval_set, load_texts
     from cladapt.train.report import write_report
 
@@ -305,8 +308,9 @@ def run_bench(spec: BenchSpec) -> Path:
     tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
     for m in spec.methods:
         method = parse_cell(m, spec.replay_data)[0]  # unknown variants fail here, before anything runs
-        if method != "mtl":
-            METHODS.get(method)  # unknown names fail here, with a did-you-mean
+        if method != "mtl" and METHODS.get(method).forgetting:  # unknown names fail here, with a did-you-mean
+            raise ConfigError([Issue("--methods", f"{m}: a forgetting method (`cladapt forget`), not a CL method")])
+        _cfg(spec, m)  # and bad --set overrides, before any cell's process starts
     stem = f"cl_{spec.order}_{spec.profile.name}"
     result_path = spec.out / f"{stem}.json"
     if spec.fresh:
@@ -322,33 +326,40 @@ def run_bench(spec: BenchSpec) -> Path:
             cell["wall_seconds"] = cell_wall_seconds(Store.open(work_dir(spec) / "registries" / m), cell["refs"])
     cache: dict[str, Any] = results.setdefault("baseline_cache", {})
     data = work_dir(spec) / "data"
-    files = {t: sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl") for t in tasks}
-    sets = {t: load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None,
-                             limit=spec.profile.test_rows) for t in tasks}
+    for t in tasks:  # the cells read the sampled rows from here; bad test rows fail now, before any cell
+        sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl")
+        load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None, limit=spec.profile.test_rows)
     todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
     texts = [t for f in spec.ppl_files for t in load_texts(f, limit=spec.ppl_samples)][: spec.ppl_samples]
     if spec.ppl_files and not texts:
         raise DataError([Issue(str(f), "no non-empty 'text' field to measure perplexity on") for f in spec.ppl_files])
     ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
-    if todo or ppl_todo:
-        import torch
+    from cladapt.train.bench_child import run_in_child
 
-        first = _cfg(spec, (todo or ppl_todo)[0])
-        loaded = load_base(first.base_model, dtype=first.train.dtype, device="cuda" if torch.cuda.is_available() else None)
-        for m in todo:
-            logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
-            cells[m] = run_cell(spec, m, tasks, files, sets, loaded, cache)
-            if texts:
-                cells[m].update(row_perplexities(spec, m, loaded, texts))
-            _save(result_path, results)
-        for m in ppl_todo:  # cells finished by a run without --ppl-data
-            cells[m].update(row_perplexities(spec, m, loaded, texts))
-            _save(result_path, results)
+    # every cell in its own process (bench_child): memory is bounded per cell and a crash loses one cell
+    for m in todo:
+        logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
+        cells[m] = run_in_child(spec, "train", [m], cache, command=results["command"])[m]
+        _save(result_path, results)
+    if ppl_todo:  # cells finished by a run without --ppl-data: one child measures them all
+        for m, extra in run_in_child(spec, "ppl", ppl_todo, cache, command=results["command"]).items():
+            if extra.get("status") == "failed":
+                cells[m]["ppl_error"] = extra["error"]
+            else:
+                cells[m].update({k: v for k, v in extra.items() if k != "process"})
+        _save(result_path, results)
     _save(result_path, results)
-    runs = {m: cells[m] for m in spec.methods if m in cells}
+    runs = {m: cells[m] for m in spec.methods if m in cells and cells[m].get("status") == "done"}
     write_report({"title": f"CL benchmark {spec.order} ({spec.profile.name} profile)",
                   "meta": {"tasks": " -> ".join(tasks), "command": results["command"], "results": str(result_path),
                            "machine": results["machine"]}, "runs": runs}, spec.out / stem)
+    failed = {m: cells[m]["error"] for m in spec.methods if (cells.get(m) or {}).get("status") == "failed"}
+    if failed:
+        raise CladaptError(
+            f"{len(failed)} of {len(spec.methods)} cells failed (the others are in {result_path}): "
+            + "; ".join(f"{m}: {e}" for m, e in failed.items()),
+            hint="the same command re-runs only the failed cells (finished tasks inside them are reused)",
+        )
     return result_path
 
 

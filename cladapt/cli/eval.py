@@ -366,7 +366,7 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
 
     Every cell trains LoRA on q_proj,v_proj at r 8 (equal budgets); +preset keeps the method preset's own
     shape (reglora+preset: all linear layers). Methods take data-pipeline variants: seq-lora+asd,
-    olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm.
+    olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm. Each cell runs in its own process.
     Resumable: finished (order, method) cells and finished tasks inside a cell are reused.
     """
     from dataclasses import replace

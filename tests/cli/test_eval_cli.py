@@ -4,6 +4,7 @@ rollback, log, report, bench cl."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,12 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert (out / "cl_o1_smoke" / "index.html").is_file() and (out / "cl_o1_smoke" / "heatmap_mtl.png").is_file()
     assert inc["wall_seconds"] >= inc["train_seconds"] + inc["eval_seconds"] - 1  # the versions' whole runs
     assert "ppl" not in inc  # no --ppl-data
+    # every cell ran in a child process of its own, which wrote the cell's result file
+    for m in ("lora", "inc-lora", "mtl"):
+        child = json.loads((tmp_path / "work" / "cl_o1_smoke" / "cells" / f"{m}.train.json").read_text())
+        assert child["status"] == "ok" and child["cells"][m]["R"] == res["cells"][m]["R"]
+        assert res["cells"][m]["process"]["pid"] != os.getpid() and res["cells"][m]["process"]["max_rss_mb"] > 0
+    assert len({res["cells"][m]["process"]["pid"] for m in ("lora", "inc-lora", "mtl")}) == 3
     # a second run reuses every cell; --ppl-data adds the general-perplexity column to finished cells
     before = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"a plain general sentence number {i}"} for i in range(6)])
@@ -175,3 +182,16 @@ def test_bench_cl_equal_budgets_and_the_labelled_preset_variant(tmp_path) -> Non
     assert lora_label(shapes["reglora+preset"].model_dump()) == "q,k,v,o,gate,up,down r8"
     assert shapes["reglora"].alpha == shapes["reglora+preset"].alpha == 16  # the method's own scaling is kept
     assert shapes["inflora"].scaling == 1.0
+
+
+def test_bench_cl_a_failed_cell_loses_only_itself(tmp_path, tiny_base_path) -> None:
+    data = _fake_benchmark(tmp_path / "clb")
+    no_text = write_jsonl(tmp_path / "bad-general.jsonl", [{"body": "no text field"}] * 3)
+    out = tmp_path / "results"
+    bad = run("bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "seq-lora+gere-lf,lora",
+              "--replay-data", no_text, "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path,
+              "--set", "lora.r=2", "--set", "train.batch_size=4", ok=False)
+    assert bad.exit_code == 1 and "1 of 2 cells failed" in bad.output and "seq-lora+gere-lf" in bad.output
+    cells = json.loads((out / "cl_o1_smoke.json").read_text())["cells"]
+    assert cells["seq-lora+gere-lf"]["status"] == "failed" and "text" in cells["seq-lora+gere-lf"]["error"]
+    assert cells["lora"]["status"] == "done" and len(cells["lora"]["R"]) == 2  # the next cell ran in its own process
