@@ -105,7 +105,16 @@ def _row_table(v: CardVersion) -> list[str]:
     return lines
 
 
-def _load_snippet(repo_id: str, folder: str, base_id: str, name: str) -> list[str]:
+#: vLLM's accepted --max-lora-rank values (it must be one of them and at least every adapter's rank).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts for an adapter of rank ``r``."""
+    return next((v for v in VLLM_RANKS if v >= r), VLLM_RANKS[-1])
+
+
+def _load_snippet(repo_id: str, folder: str, base_id: str, name: str, rank: int) -> list[str]:
     sub = f', subfolder="{folder}"' if folder else ""
     lora_name = f"{repo_id}/{folder}" if folder else repo_id
     return [
@@ -119,7 +128,7 @@ def _load_snippet(repo_id: str, folder: str, base_id: str, name: str) -> list[st
         "vLLM (the adapter's `base_model_name_or_path` is the base model's Hub id, as vLLM's resolvers require):",
         "",
         "```bash",
-        f"vllm serve {base_id} --enable-lora --max-lora-rank 64 \\",
+        f"vllm serve {base_id} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} \\",
         f"  --lora-modules '{{\"name\": \"{name}\", \"path\": \"<local snapshot of {lora_name}>\", \"base_model_name\": \"{base_id}\"}}'",
         f"# or the Hub resolver: VLLM_LORA_RESOLVER_HF_REPO_LIST={repo_id} and request model \"{lora_name}\"",
         "```",
@@ -172,7 +181,7 @@ def version_card(v: CardVersion, repo_id: str) -> str:
         "",
         "## How to load",
         "",
-        *_load_snippet(repo_id, v.folder, v.base_model_id, name),
+        *_load_snippet(repo_id, v.folder, v.base_model_id, name, int(v.manifest.lora.get("r", 8))),
         "",
     ]
     return f"---\n{_metadata([v], f'{repo_id} ({v.ref})', own_only=False)}---\n\n" + "\n".join(body)
@@ -202,7 +211,8 @@ def registry_card(versions: list[CardVersion], repo_id: str, *, shared: list[str
         "",
         "## How to load",
         "",
-        *_load_snippet(repo_id, first.folder, first.base_model_id, first.folder),
+        *_load_snippet(repo_id, first.folder, first.base_model_id, first.folder,
+                      max(int(v.manifest.lora.get("r", 8)) for v in versions)),
         "",
     ]
     if any(v.manifest.base_model.get("id") in KNOWN_HUB_IDS for v in versions):
