@@ -179,3 +179,16 @@ def test_a_version_removed_locally_is_deleted_in_the_next_push(hub_env: Any, src
     files = hub_env.head_files(REPO)
     assert not any(p.startswith("topics__v1/") for p in files) and "LICENSE" in files
     assert "topics@1" not in files["cladapt-hub.json"].decode()
+
+
+def test_single_version_pull_records_the_lineage_it_cannot_bring(hub_env: Any, src_store: Store, tmp_path: Path) -> None:
+    push(src_store, "org/one", "topics@1", base_model_id=BASE_ID)
+    files = hub_env.head_files("org/one")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "cladapt/manifest.json"} <= set(files)
+    assert not any("__v" in p for p in files)  # a plain PEFT repo at the root
+    dst = Store.init(tmp_path / "dst")
+    (got,) = pull(dst, "org/one").versions
+    assert (got.remote, got.local, got.action) == ("topics@1", "topics@1", "imported")
+    assert "parents not in the repo: sentiment@2" in got.reason
+    assert dst.get("topics@1").parents == ()
+    assert any("original parents sentiment@2" in e.get("reason", "") for e in dst.audit_log())
