@@ -172,6 +172,8 @@ class Store(StoreAnnotations, StoreMaintenance):
                 refuse_symlinks(store.root, sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # a read-only mount can still be listed and served
                 logger.warning("cannot create %s (%s); this registry is read-only here", sub, exc)
+            except RegistryError as exc:  # a planted link: reading still works, writing there is refused
+                logger.warning("%s", exc.message)
         store._sync()
         return store
 
@@ -293,7 +295,10 @@ class Store(StoreAnnotations, StoreMaintenance):
         """Versions on disk that :meth:`list` leaves out because their manifest cannot be used
         (unreadable, from a newer cladapt, or not matching its recorded sha256), with the reason."""
         self._sync(task)
-        return self._query(lambda: self._index.skipped(task))
+        links = [Problem(f"tasks/{e.name}", "is a symbolic link, never adopted as a task (see `cladapt registry verify`)")
+                 for e in sorted(os.scandir(self.tasks_dir), key=lambda e: e.name)
+                 if e.is_symlink() and (task is None or e.name == task)] if self.tasks_dir.is_dir() else []
+        return links + self._query(lambda: self._index.skipped(task))
 
     def tasks(self) -> builtins.list[str]:
         """Names of tasks with at least one version."""
