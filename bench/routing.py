@@ -67,8 +67,10 @@ def long_tasks(data_dir: Path) -> list[str]:
 
 
 def signature_views(model: Any, tok: Any, encoder: Any, data_dir: Path, tasks: list[str], *, instruction: bool,
-                    rows: int, cache: dict[Any, Any]) -> list[Any]:
+                    rows: int, cache: dict[Any, Any], need_base: bool) -> list[Any]:
     """One in-memory candidate per task: a signature of its training rows (base + encoder spaces)."""
+    import torch
+
     from cladapt.features import Signature, hidden_embed, sample_indices
     from cladapt.route_eval import benchmark_rows
     from cladapt.serve.routers.base import TaskView
@@ -81,7 +83,8 @@ def signature_views(model: Any, tok: Any, encoder: Any, data_dir: Path, tasks: l
             keep = sample_indices(len(train), k=rows, seed=0)
             texts = [train[i].text for i in keep]
             labels = [train[i].example.answer for i in keep]  # type: ignore[union-attr]
-            base = hidden_embed(model, tok, texts)
+            # the base model's space costs a 135M-parameter pass per prompt: only when a router reads it
+            base = hidden_embed(model, tok, texts) if need_base else torch.zeros(len(texts), 1)
             enc = encoder.embed(texts) if encoder is not None else None
             cache[key] = Signature(base=base, labels=labels, encoder=enc)
             print(f"  signature {task} ({'instruction' if instruction else 'input'}): {len(texts)} rows", flush=True)
@@ -100,6 +103,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     sets = {"standard": STANDARD, "long": long_tasks(args.data_dir)}
     results: list[dict[str, Any]] = []
+    need_base = any("space=base" in spec or spec.split(":")[0] == "mos" for spec in args.routers.split(","))
     if args.registry is None:
         model, tok, _ = load(args.base_model)
         encoder = load_encoder()
@@ -121,7 +125,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 if args.registry is None:
                     router = ROUTERS.get(name)(cfg)
                     router.fit(signature_views(model, tok, encoder, args.data_dir, tasks, instruction=instruction,
-                                               rows=args.train_rows, cache=sig_cache))
+                                               rows=args.train_rows, cache=sig_cache, need_base=need_base))
                     fitted = time.perf_counter()
                     routes = router.route(_Rows(batch, idx))
                 else:

@@ -78,6 +78,15 @@ def _batches(texts: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(texts[start : start + size])
 
 
+def _by_length(texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Texts sorted by length (batches pad less) and the permutation that restores the input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    restore = [0] * len(texts)
+    for pos, i in enumerate(order):
+        restore[i] = pos
+    return [texts[i] for i in order], restore
+
+
 def _decoder(model: Any) -> Any:
     """The transformer body (no LM head) of a causal LM or a PeftModel around one."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -94,7 +103,8 @@ def hidden_embed(
     """Mean-pooled last hidden state (after the final norm) of ``model`` as it is now (adapters as set).
 
     Runs the decoder body only, so the LM head (the largest matrix of small models) is skipped.
-    Right padding with an attention mask: every row's result is independent of its batch.
+    Right padding with an attention mask: every row's result is independent of its batch; texts
+    go through in length order so batches pad little.
     """
     import torch
 
@@ -104,9 +114,10 @@ def hidden_embed(
     old_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "right"
     model.eval()  # no dropout: a signature and a query must be embedded deterministically
+    ordered, restore = _by_length(texts)
     try:
         with torch.no_grad():
-            for chunk in _batches(texts, batch_size):
+            for chunk in _batches(ordered, batch_size):
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                                 add_special_tokens=False).to(device)
                 hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
@@ -116,7 +127,7 @@ def hidden_embed(
         model.train(was_training)
     if not out:
         return torch.empty(0, model.config.hidden_size)
-    return torch.cat(out)
+    return torch.cat(out)[restore]
 
 
 @contextlib.contextmanager
@@ -190,13 +201,14 @@ class SentenceEncoder:
 
         out: list[torch.Tensor] = []
         device = next(self.model.parameters()).device
+        ordered, restore = _by_length(texts)
         with torch.no_grad():
-            for chunk in _batches(texts, batch_size):
+            for chunk in _batches(ordered, batch_size):
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length).to(device)
                 hidden = self.model(**enc).last_hidden_state
                 out.append(mean_pool(hidden, enc["attention_mask"]).cpu())
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return torch.cat(out)[restore] if out else torch.empty(0, self.dim)
 
 
 @functools.lru_cache(maxsize=4)
