@@ -176,8 +176,28 @@ def _is_vision(resolved: Path | str) -> bool:
         return False  # the causal-LM path below reports the problem
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_BASE_MODEL) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a base (no weights): a text model's, or a VLM's processor-backed one."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_path(name_or_path)
+    if _is_vision(resolved):
+        from cladapt.vision import VisionTokenizer, load_processor
+
+        tok: Any = VisionTokenizer(load_processor(resolved))
+    else:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load(
-    name_or_path: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device: str | None = None
+    name_or_path: str = DEFAULT_BASE_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    quantization: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BaseModelInfo]:
     """Load the base model and tokenizer and fingerprint them.
 
@@ -201,7 +221,10 @@ def load(
             model, tokenizer = load_model(resolved, torch_dtype)
         else:
             tokenizer = AutoTokenizer.from_pretrained(resolved)
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+            # quantization: a transformers BitsAndBytesConfig (train.quantization); the fingerprint is
+            # that of the weight files, so adapters trained on the quantised base fit the full one
+            quant = {"quantization_config": quantization} if quantization is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **quant)
     except OSError as exc:
         raise ModelError(
             f"cannot load base model {name_or_path!r}: {exc}",

@@ -83,6 +83,8 @@ class ExplainRequest:
     gold: str
     words: int
     max_new_tokens: int
+    #: the row's pictures (VQA rows): a vision-language writer looks at them too
+    images: tuple[str, ...] = ()
 
 
 #: a batched explanation writer: one result per request, ``None`` (or "") when it has nothing
@@ -333,6 +335,7 @@ def _explanations(
             gold=examples[i].answer,
             words=EXPLAIN_WORDS[assignment[i]],
             max_new_tokens=EXPLAIN_MAX_NEW_TOKENS[assignment[i]],
+            images=tuple(examples[i].images),
         )
         for i in rows
     ]
@@ -390,6 +393,7 @@ def grade(style: str, reply: str, row_meta: dict[str, Any]) -> bool:
 def base_model_generator(model: Any, tokenizer: Any, *, batch_size: int = 16) -> Generator:
     """Explanations from ``model`` itself, greedy (methods.md §4.1 default), batched by length."""
     from cladapt.generation import generate
+    from cladapt.vision import processor_of
 
     def run(requests: Sequence[ExplainRequest]) -> list[str | None]:
         out: list[str | None] = [None] * len(requests)
@@ -399,7 +403,8 @@ def base_model_generator(model: Any, tokenizer: Any, *, batch_size: int = 16) ->
             for budget in sorted({r.max_new_tokens for r in requests}):
                 idx = [k for k, r in enumerate(requests) if r.max_new_tokens == budget]
                 convs = [
-                    [{"role": "user", "content": EXPLAIN_PROMPT.format(gold=r.gold, words=r.words, question=r.question)}]
+                    [{"role": "user", "content": EXPLAIN_PROMPT.format(gold=r.gold, words=r.words, question=r.question),
+                      **({"images": list(r.images)} if r.images and processor_of(tokenizer) else {})}]
                     for r in (requests[k] for k in idx)
                 ]
                 texts = generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size)

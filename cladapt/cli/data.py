@@ -16,14 +16,9 @@ _BASE_HELP = "Hugging Face id or folder [default: smollm2-135m-instruct]"
 
 def _tokenizer(base_model: str | None) -> Any:
     """Only the tokenizer of ``base_model`` (no weights are loaded)."""
-    from transformers import AutoTokenizer
+    from cladapt.base_model import DEFAULT_BASE_MODEL, load_tokenizer
 
-    from cladapt.base_model import DEFAULT_BASE_MODEL, resolve_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_path(base_model or DEFAULT_BASE_MODEL))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(base_model or DEFAULT_BASE_MODEL)
 
 
 # ---------------------------------------------------------------------------------- data
