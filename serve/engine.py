@@ -125,6 +125,9 @@ class Engine:
 
     def delete_adapter(self, name: str) -> None:
         with self.lock:
+            rest = sorted(self.loaded - {name})
+            if rest and name in self.model.active_adapters:
+                self.model.set_adapter(rest[0])  # rows name their adapter; this only keeps PEFT consistent
             self.model.delete_adapter(name)
             self.loaded.discard(name)
             if not self.loaded:

@@ -9,14 +9,16 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # serve_helpers.py, fake_vllm.py
+# appended, not prepended: `conftest` must stay tests/conftest.py for every test module
+sys.path.append(str(Path(__file__).parent))  # serve_helpers.py, fake_vllm.py
 
 from serve_helpers import ROUTE_TASKS, SUM_TASKS, add_version, start_server  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served_registry(tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> Path:
-    """sentiment@1, topics@1 (routed, with signatures), news@1, qa@1 (sum-composed)."""
+    """sentiment@1, topics@1 (routed, with signatures), news@1, qa@1 (sum-composed). Shared: tests that
+    change the registry work on a copy."""
     from cladapt.base_model import load
     from cladapt.registry.store import Store
 

@@ -100,17 +100,21 @@ def test_full_queue_gets_503_with_retry_after(served_registry, tiny_base_path) -
         server.close()
 
 
-def test_promote_and_rollback_served_without_restart(served_registry, tiny_base_path) -> None:
+def test_promote_and_rollback_served_without_restart(served_registry, tiny_base_path, tmp_path) -> None:
+    import shutil
+
     from cladapt.base_model import load
     from cladapt.registry.store import Store
 
-    server = start_server(served_registry, tiny_base_path, resolve_ttl_s=0)
+    reg = tmp_path / "reg"
+    shutil.copytree(served_registry, reg)
+    server = start_server(reg, tiny_base_path, resolve_ttl_s=0)
     body = {"model": "sentiment", "prompt": "the film was great", "max_tokens": 5, "temperature": 0}
     try:
         with BackgroundServer(create_app(server)) as bg:
             first = httpx.post(bg.url + "/v1/completions", json=body, timeout=60)
             assert first.headers["x-cladapt-adapter"] == "sentiment@1"
-            store = Store.open(served_registry)
+            store = Store.open(reg)
             add_version(store, load(str(tiny_base_path)), "sentiment", seed=99)  # a new train: sentiment@2 active
             second = httpx.post(bg.url + "/v1/completions", json=body, timeout=60)
             assert second.headers["x-cladapt-adapter"] == "sentiment@2"
