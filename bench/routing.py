@@ -102,6 +102,14 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from cladapt.serve.routers.state import router_config
 
     sets = {"standard": STANDARD, "long": long_tasks(args.data_dir)}
+    if args.registry is not None:  # route among the registry's tasks only; say which of a set are left out
+        from cladapt.registry.store import Store
+
+        have = set(Store.open(args.registry).tasks())
+        for key, tasks in sets.items():
+            if set(tasks) - have:
+                print(f"{key}: no version of {sorted(set(tasks) - have)} in {args.registry}; left out", flush=True)
+            sets[key] = [t for t in tasks if t in have]
     results: list[dict[str, Any]] = []
     need_base = any("space=base" in spec or spec.split(":")[0] == "mos" for spec in args.routers.split(","))
     if args.registry is None:
@@ -132,7 +140,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                     routes, fitted = _session_routes(args, name, cfg, [queries[i] for i in idx])
                 elapsed = time.perf_counter() - fitted
                 acc = routing_accuracy([queries[i].task for i in idx], [r.task for r in routes])
-                results.append({"set": set_name, "mode": mode, "router": label, "config": cfg.model_dump(mode="json"),
+                results.append({"set": set_name, "tasks": tasks, "mode": mode, "router": label,
+                                "config": cfg.model_dump(mode="json"),
                                 **acc.to_json(), "route_ms_per_request_incl_cached_embeddings": round(1000 * elapsed / len(idx), 3),
                                 "fit_seconds": round(fitted - started, 2)})
                 print(f"{set_name:8s} {mode:11s} {label:28s} acc {acc.accuracy:6.2f}  merged {acc.accuracy_merged:6.2f}",

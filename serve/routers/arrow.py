@@ -107,7 +107,7 @@ class ArrowRouter(Router):
             scores = {ref: float(row[i]) for i, ref in enumerate(refs)}
             weights = mix(scores, len(refs))
             routes.append(Route(adapters=weights, scores=scores, combine="arrow",
-                                info={"experts_per_token": self.cfg.experts}))
+                                info={"experts_per_token": min(self.cfg.experts, len(refs))}))
         return routes
 
 
