@@ -44,24 +44,47 @@ def benchmark_rows(data_dir: Path, tasks: Sequence[str], *, split: str = "test",
             instructions name the task type, which makes routing easier than real traffic).
         limit: a seeded sample of this many rows per task.
     """
-    from cladapt.train.data import load_examples
-
     out: list[LabelledPrompt] = []
     missing = [Issue(str(data_dir / t / f"{split}.jsonl"), "no such file") for t in tasks
                if not (data_dir / t / f"{split}.jsonl").is_file()]
     if missing:
         raise DataError(missing, hint=f"tasks present: {', '.join(sorted(p.name for p in data_dir.iterdir() if p.is_dir()))}")
     for task in tasks:
-        path = data_dir / task / f"{split}.jsonl"
-        examples = load_examples([path]).examples
-        raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        examples, inputs = _pack_rows(data_dir / task / f"{split}.jsonl")
         keep = range(len(examples))
         if limit is not None and limit < len(examples):
             keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
         for i in keep:
-            text = examples[i].prompt_text if instruction else str(raw[i].get("input") or examples[i].prompt_text)
+            text = examples[i].prompt_text if instruction else (inputs[i] or examples[i].prompt_text)
             out.append(LabelledPrompt(text, task, examples[i]))
     return out
+
+
+def _pack_rows(path: Path) -> tuple[list[Example], list[str]]:
+    """The pack's ``{"instruction", "input", "output", "task"}`` rows, split on ``\\n`` only.
+
+    Review texts hold U+0085 and U+2028 inside strings; ``str.splitlines`` would cut rows there.
+    """
+    from cladapt.train.data import Example, join_prompt
+
+    examples: list[Example] = []
+    inputs: list[str] = []
+    issues: list[Issue] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = join_prompt(str(row.get("instruction") or ""), str(row.get("input") or ""))
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}]
+        except (ValueError, KeyError, AttributeError) as exc:
+            issues.append(Issue(f"{path}:{n}", f"not a benchmark row ({exc})"))
+            continue
+        examples.append(Example(messages, str(path), n, {"task": row.get("task")}))
+        inputs.append(str(row.get("input") or ""))
+    if issues:
+        raise DataError(issues)
+    return examples, inputs
 
 
 def rows_from_files(files: Sequence[Path], *, task: str | None = None) -> list[LabelledPrompt]:
