@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # fake_hub.py
+sys.path.append(str(Path(__file__).parent))  # fake_hub.py, hub_helpers.py; appended so `conftest` stays tests/conftest.py
 
 from fake_hub import FakeHub  # noqa: E402
 from hub_helpers import add_version, lora_files  # noqa: E402
