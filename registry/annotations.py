@@ -23,9 +23,9 @@ from cladapt.errors import IntegrityError, RegistryError
 from cladapt.registry import audit
 from cladapt.registry.fsio import atomic_write_bytes, dumps_json, fsync_dir, read_nofollow, refuse_symlinks
 from cladapt.registry.lock import Claim, claim_path
-from cladapt.registry.manifest import SEAL_KEY, seal_json, unseal_json
 from cladapt.registry.refs import AdapterRef, validate_name, validate_shared_key
 from cladapt.registry.staging import publish_shared, read_shared_dir, stage_shared
+from cladapt.registry.status import SEAL_KEY, seal_json, unseal_json
 
 if TYPE_CHECKING:
     from cladapt.registry.lock import StoreLock

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sqlite3
 import stat
 import uuid
@@ -37,18 +36,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cladapt.errors import IntegrityError, RegistryError
+from cladapt.errors import IntegrityError
+from cladapt.registry.disk import TASK_DIR, disk_state, disk_tasks, load_checked_manifest, version_dirs
 from cladapt.registry.fsio import crash_point, fsync_dir, is_tmp_name, sha256_bytes
-from cladapt.registry.manifest import (
-    Manifest,
-    Problem,
-    TaskStatus,
-    VersionRecord,
-    load_task_status,
-    make_record,
-    read_manifest,
-    save_task_status,
-)
+from cladapt.registry.manifest import Manifest, Problem, VersionRecord, make_record
+from cladapt.registry.status import TaskStatus, load_task_status, save_task_status
+
+__all__ = ["INDEX_FILE", "Index", "IndexCorrupt", "disk_state", "disk_tasks", "load_checked_manifest", "version_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +62,6 @@ CREATE TABLE versions (
     PRIMARY KEY (task, version)
 );
 """
-_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
-_TASK_DIR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: Called for every repair: (action, ref, from, to, reason) -> appends an audit event.
 EventSink = Callable[[str, "str | None", Any, Any, str], None]
 #: Called with the audit events a task's status.json still owes the log (see TaskStatus.owed_audit).
@@ -433,7 +425,7 @@ class Index:
             if entry.is_symlink():
                 problems.append(Problem(f"tasks/{entry.name}", "is a symbolic link (refused; not a task)"))
                 continue
-            if not _TASK_DIR.fullmatch(entry.name) or not entry.is_dir():
+            if not TASK_DIR.fullmatch(entry.name) or not entry.is_dir():
                 problems.append(Problem(f"tasks/{entry.name}", "not a valid task folder"))
                 continue
             try:
@@ -456,69 +448,6 @@ class Index:
                     problems.append(Problem(str(expected.ref), "index row differs from the manifest (run verify --reindex)"))
         problems += [Problem(f"{t}@{v}", "indexed but its folder is missing") for (t, v) in sorted(indexed.keys() - seen)]
         return problems
-
-
-# ------------------------------------------------------------------------------------------------
-# The disk side of the comparison.
-
-
-def version_dirs(task_dir: Path) -> frozenset[int]:
-    """Version numbers of the ``v<N>`` folders of a task (symlinks are not versions)."""
-    try:
-        entries = list(os.scandir(task_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return frozenset()
-    return frozenset(
-        int(m.group(1)) for e in entries if (m := _VERSION_DIR.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
-    )
-
-
-def disk_tasks(tasks_dir: Path) -> list[str]:
-    """Task folders under ``tasks/`` (valid names, real folders: a link is never adopted as a task)."""
-    try:
-        return sorted(e.name for e in os.scandir(tasks_dir) if _TASK_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
-    except FileNotFoundError:
-        return []
-
-
-def disk_state(tasks_dir: Path, task: str | None = None) -> dict[str, tuple[int, frozenset[int]]]:
-    """task -> (status.json generation, version dirs), read from disk.
-
-    -2 marks an unreadable status and -3 one that still owes audit events: neither ever equals the
-    index, which forces a repair under the lock.
-    """
-    state: dict[str, tuple[int, frozenset[int]]] = {}
-    for name in [task] if task is not None else disk_tasks(tasks_dir):
-        task_dir = tasks_dir / name
-        if task_dir.is_symlink() or not task_dir.is_dir():
-            continue
-        try:
-            status = load_task_status(task_dir / "status.json")
-            generation = -3 if status.owed_audit else status.generation
-        except IntegrityError:
-            generation = -2
-        state[name] = (generation, version_dirs(task_dir))
-    return state
-
-
-def load_checked_manifest(
-    task_dir: Path, version: int, problems: list[Problem], expected_sha256: str | None = None
-) -> tuple[Manifest, str] | None:
-    """The manifest of ``task_dir/v<version>`` and its sha256, or None (with a problem) if it is
-    unreadable, newer than this cladapt, misplaced, or differs from ``expected_sha256``."""
-    where = f"{task_dir.name}@{version}"
-    try:
-        manifest, digest = read_manifest(task_dir / f"v{version}" / "manifest.json")
-    except RegistryError as exc:
-        problems.append(Problem(where, exc.message))
-        return None
-    if expected_sha256 is not None and digest != expected_sha256:
-        problems.append(Problem(where, "manifest.json does not match the sha256 recorded in status.json (damaged or edited)"))
-        return None
-    if (manifest.task, manifest.version) != (task_dir.name, version):
-        problems.append(Problem(where, f"manifest says {manifest.task}@{manifest.version}"))
-        return None
-    return manifest, digest
 
 
 def _row(rec: VersionRecord, status: str | None = None) -> tuple[object, ...]:

@@ -28,8 +28,9 @@ from cladapt.registry import audit
 from cladapt.registry.fsio import find_symlinks, is_tmp_name, read_nofollow
 from cladapt.registry.index import disk_tasks
 from cladapt.registry.lock import Claim, claim_path
-from cladapt.registry.manifest import Problem, check_evals, check_version, unseal_json
+from cladapt.registry.manifest import Problem, check_evals, check_version
 from cladapt.registry.staging import verify_shared
+from cladapt.registry.status import unseal_json
 
 if TYPE_CHECKING:
     from cladapt.registry.index import Index

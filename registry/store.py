@@ -42,9 +42,8 @@ import os
 import shutil
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from cladapt.errors import Conflict, IncompatibleBaseModel, IntegrityError, NotFound, RegistryError
 from cladapt.registry import audit
@@ -59,18 +58,14 @@ from cladapt.registry.fsio import (
     sha256_bytes,
 )
 from cladapt.registry.index import INDEX_FILE, Index, version_dirs
-from cladapt.registry.lock import Claim, StoreLock, claim_path
+from cladapt.registry.lock import StoreLock
 from cladapt.registry.maintenance import StoreMaintenance
 from cladapt.registry.manifest import (
-    STATUSES,
     Problem,
-    TaskStatus,
     VersionRecord,
-    load_task_status,
     make_record,
     read_manifest,
     read_verified,
-    save_task_status,
     unlisted_files,
     verify_entries,
 )
@@ -78,20 +73,21 @@ from cladapt.registry.refs import (
     AdapterRef,
     coerce_ref,
     validate_filename,
-    validate_shared_key,
     validate_task_name,
 )
+from cladapt.registry.repair import StoreIndexing
+from cladapt.registry.runs import RunFolder, StoreRuns
 from cladapt.registry.staging import (
     Staging,
     build_manifest,
     collect_files,
     publish_version,
 )
+from cladapt.registry.status import STATUSES, TaskStatus, load_task_status, save_task_status
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-T = TypeVar("T")
 
 __all__ = ["FORMAT", "Problem", "RunFolder", "Staging", "Store"]
 
@@ -101,7 +97,7 @@ FORMAT = 1
 MARKER = "cladapt-registry.json"
 
 
-class Store(StoreAnnotations, StoreMaintenance):
+class Store(StoreIndexing, StoreAnnotations, StoreMaintenance, StoreRuns):
     """A registry of adapter versions rooted at one directory. Create with :meth:`init` / :meth:`open`."""
 
     def __init__(self, root: Path) -> None:
@@ -196,82 +192,6 @@ class Store(StoreAnnotations, StoreMaintenance):
 
     def _version_dirs(self, task: str) -> frozenset[int]:
         return version_dirs(self._task_dir(task))
-
-    def _sync(self, task: str | None = None) -> builtins.list[Problem]:
-        """Cheap freshness check (directory scan + status generations, no journal beside the
-        index); anything else is repaired under the lock (:meth:`_repair`).
-
-        Returns the problems met while reindexing (logged; ``verify`` reports them).
-        """
-        try:
-            if not self._index.has_sidecars() and not self._index.stale(task):
-                return []
-        except sqlite3.DatabaseError:  # the index was deleted or damaged
-            pass
-        with self._lock:
-            problems = self._repair(task)
-        for problem in problems:
-            logger.warning("reindex: %s", problem)
-        return problems
-
-    def _repair(self, task: str | None = None) -> builtins.list[Problem]:
-        """Under the lock: rebuild an unusable index whole, or reindex the stale tasks."""
-        with self._lock:
-            if not self._index.usable():
-                return self._rebuild_all()
-            try:
-                stale = self._index.stale(task)  # re-check: a live committer may just have finished
-                if not stale:
-                    return []
-                names = sorted(stale)
-                logger.warning("index is stale for %d task(s) %s (interrupted change?); reindexing", len(names), names[:10])
-                return self._reindex(stale)
-            except sqlite3.DatabaseError as exc:
-                logger.warning("the index is damaged (%s); rebuilding it from the manifests", exc)
-                return self._rebuild_all()
-
-    def _reindex(self, tasks: Iterable[str]) -> builtins.list[Problem]:
-        """Rebuild the index rows of ``tasks`` from disk, auditing every repair. Holds the lock."""
-        with self._lock:
-            return self._index.rebuild(tasks, self._repair_event, self._pay_owed)
-
-    def _rebuild_all(self) -> builtins.list[Problem]:
-        """Rebuild the whole index from the manifests, swapping it in atomically. Holds the lock."""
-        with self._lock:
-            return self._index.rebuild_all(self._repair_event, self._pay_owed)
-
-    def _repair_event(self, action: str, ref: str | None, from_: Any, to: Any, reason: str) -> None:
-        self._audit(action, ref, from_, to, reason, actor="cladapt")
-
-    def _pay_owed(self, events: builtins.list[dict[str, Any]]) -> None:
-        """Append the events a status file still owes the audit log, unless already there. Holds the lock."""
-        logged = audit.logged_ids(self._audit_path)
-        for event in events:
-            if event.get("id") not in logged:
-                audit.append_prepared(self._audit_path, {**event, "recovered": True})
-                logger.warning("audit: wrote the %s event of %s that an interrupted process owed", event.get("action"), event.get("ref"))
-
-    def _query(self, read: Callable[[], T]) -> T:
-        """Run an index read; a damaged index is rebuilt from the manifests (under the lock) and
-        the read runs again. Never returns what a damaged index says."""
-        try:
-            return read()
-        except sqlite3.DatabaseError as exc:
-            logger.warning("the index is damaged (%s); rebuilding it from the manifests", exc)
-        with self._lock:
-            try:
-                if self._index.usable():
-                    return read()  # another process may have repaired it meanwhile
-            except sqlite3.DatabaseError:
-                pass
-            self._rebuild_all()
-            try:
-                return read()
-            except sqlite3.DatabaseError as exc:
-                raise IntegrityError(
-                    f"the index {self._index.path} is unreadable even after a rebuild ({exc})",
-                    hint="check the disk; the manifests under tasks/ are the source of truth",
-                ) from exc
 
     def _refuse_links(self) -> None:
         """Before a change writes anything: refuse a link at the audit log (it is written last,
@@ -572,76 +492,8 @@ class Store(StoreAnnotations, StoreMaintenance):
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("removed %s", rec.ref)
 
-    # ------------------------------------------------------------------ maintenance
-
-    def run_dir(self, task: str, run_id: str) -> Path:
-        """A scratch folder ``.work/runs/<task>/<run_id>`` for checkpoints (created; not registry state)."""
-        path = refuse_symlinks(self.root, self.work_dir / "runs" / validate_task_name(task) / validate_shared_key(run_id))
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def claim_run(self, task: str, key: str, *, resume: bool = False) -> RunFolder:
-        """A private checkpoint folder ``.work/runs/<task>/<key>.<id>`` for one training run,
-        claimed by this process until :meth:`RunFolder.release` / :meth:`RunFolder.finish`.
-
-        Two runs with the same ``key`` (same task, data and config) started together get two
-        folders, so neither deletes the other's checkpoints. ``resume`` takes over the newest
-        folder of ``key`` that no live process holds (a killed run's), or starts a new one.
-        Without ``resume``, unclaimed folders of ``key`` (runs nobody resumed) are deleted first;
-        a live run's folder never is.
-        """
-        validate_shared_key(key)
-        parent = self._work_dir("runs") / validate_task_name(task)
-        parent.mkdir(exist_ok=True)
-        mine = sorted(
-            (p for p in parent.iterdir() if p.name.startswith(f"{key}.") and not p.name.endswith(".lock") and p.is_dir()),
-            key=lambda p: p.stat().st_mtime, reverse=True,
-        )
-        for old in mine:
-            claim = Claim.take(claim_path(old))
-            if claim is None:
-                continue  # a live run's
-            if resume and old.is_dir():
-                logger.info("resuming the run in %s", old)
-                return RunFolder(old, claim)
-            shutil.rmtree(old, ignore_errors=True)
-            claim.release(remove=True)
-        path = parent / f"{key}.{uuid.uuid4().hex[:12]}"
-        claim = Claim.take(claim_path(path))
-        if claim is None:  # pragma: no cover - a fresh uuid is never held
-            raise RegistryError(f"run folder {path} is already claimed")
-        path.mkdir()
-        return RunFolder(path, claim)
-
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
-
-
-class RunFolder:
-    """A run's claimed checkpoint folder (see :meth:`Store.claim_run`); a context manager that
-    releases the claim (keeping the checkpoints for ``--resume``) when the block ends."""
-
-    def __init__(self, path: Path, claim: Claim) -> None:
-        self.path = path
-        self._claim = claim
-
-    def finish(self) -> None:
-        """The run is committed: delete its checkpoints and drop the claim."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._claim.release(remove=True)
-
-    def release(self) -> None:
-        """Drop the claim, keeping the checkpoints (a later ``--resume`` continues from them)."""
-        self._claim.release()
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"RunFolder({str(self.path)!r})"
 
 
 def _choose(r: AdapterRef, versions: dict[int, str], statuses: tuple[str, ...] | None = None) -> int | None:

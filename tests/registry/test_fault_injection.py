@@ -31,7 +31,7 @@ import pytest
 
 from cladapt.errors import CladaptError
 from cladapt.registry.fsio import find_symlinks
-from cladapt.registry.manifest import load_task_status
+from cladapt.registry.status import load_task_status
 from cladapt.registry.store import Store
 
 from .conftest import WORKER, manifest_fields
