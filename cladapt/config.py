@@ -60,6 +60,20 @@ class TrainSettings(_Strict):
         "(auto: bf16 on CUDA or on CPUs with AMX/AVX512-BF16, else no)",
     )
     gradient_checkpointing: bool = False
+    loss_logits: Literal["labelled", "full"] = Field(
+        "labelled",
+        description="where the LM head and the cross-entropy run: only at positions with a label (rows whose "
+        "loss reads every position keep them; same loss and gradients), or at every position. Models whose "
+        "logits are not the LM head of the last hidden state fall back to full, with a warning",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="batch rows of similar length together (seeded by seed; less padding per batch); "
+        "not applied when replay rows are mixed in (GeRe weights task and replay rows per batch)",
+    )
+    length_window: int = Field(
+        32, ge=1, description="with group_by_length: rows are sorted by length within windows of this many batches"
+    )
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config, passed through unchanged")
 
 

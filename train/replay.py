@@ -51,7 +51,7 @@ import torch
 
 from cladapt.adapters.base import Sidecars, TrainingPlugin
 from cladapt.errors import CladaptError
-from cladapt.train.loop import REPLAY_KIND, task_and_replay_ce
+from cladapt.train.loop import REPLAY_KIND, row_logits, task_and_replay_ce
 from cladapt.train.replay_record import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_N_REPLAY,
@@ -166,7 +166,8 @@ class GeRe(TrainingPlugin):
         if loss == "kl":
             with torch.no_grad(), disabled_adapters(model):
                 base = model(input_ids=batch["input_ids"][sel], attention_mask=batch["attention_mask"][sel]).logits
-            kl = masked_kl(base, outputs.logits[sel], batch["attention_mask"][sel], self.settings.temperature)
+            # only the replay rows' logits, at every position (the trainer keeps task rows' to their labels)
+            kl = masked_kl(base, row_logits(outputs, sel), batch["attention_mask"][sel], self.settings.temperature)
             self._observe(kl=kl)
             return {"kl": self.settings.lambda_kl * kl}
         hc = outputs.hidden_states[-1][sel][:, :width].float()
@@ -180,7 +181,9 @@ class GeRe(TrainingPlugin):
         regions = self.record.regions[idx, :width].to(dev)
         tm = tm_loss(hc, regions, self.record.pos.to(dev), self.record.neg.to(dev), mask)
         if self.settings.weight == "dy":
-            ce = task_and_replay_ce(outputs.logits, batch["labels"], batch.get("sample_kind"))
+            ce = getattr(outputs, "answer_ce", None)  # the trainer's CE term
+            if ce is None:
+                ce = task_and_replay_ce(outputs.logits, batch["labels"], batch.get("sample_kind"))
             weight = dynamic_weight(ce, tm)
         else:
             weight = torch.tensor(float(self.settings.weight), device=dev)

@@ -361,6 +361,9 @@ def train_task(
                 data_collator=collate,
                 plugins=plugins,
                 train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
+                loss_logits=cfg.train.loss_logits,
+                group_by_length=cfg.train.group_by_length,
+                length_window=cfg.train.length_window,
                 callbacks=list(callbacks or []),
             )
             checkpoint = latest_complete_checkpoint(run_dir) if resume else None
