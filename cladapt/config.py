@@ -60,6 +60,11 @@ class TrainSettings(_Strict):
         "(auto: bf16 on CUDA or on CPUs with AMX/AVX512-BF16, else no)",
     )
     gradient_checkpointing: bool = False
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="load the frozen base through bitsandbytes (4bit: QLoRA's NF4 with double quantization, "
+        "compute in train.dtype; 8bit: LLM.int8); the adapter stays a plain LoRA of the unquantised base",
+    )
     loss_logits: Literal["labelled", "full"] = Field(
         "labelled",
         description="where the LM head and the cross-entropy run: only at positions with a label (rows whose "

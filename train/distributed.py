@@ -185,7 +185,7 @@ def main_first(fn: Callable[[], T]) -> T:
 
 def commit_once(store: Store, commit: Callable[[], VersionRecord]) -> VersionRecord:
     """Process 0 commits; every process returns the committed version's record."""
-    record, ref = on_main(commit, publish=lambda r: r.ref)
+    record, ref = on_main(commit, publish=lambda r: f"{r.task}@{r.version}")
     return record if record is not None else store.get(ref)
 
 

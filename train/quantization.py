@@ -114,3 +114,35 @@ def check_fold(model: Any, folded_versions: int, method: str) -> None:
             "which a 4/8-bit base cannot hold without re-quantising them",
             hint="train this method on the unquantised base (train.quantization=none), or use a routed method (lora)",
         )
+
+
+def load_options(kind: str, dtype: str) -> Any:
+    """What ``base_model.load(quantization=...)`` takes for ``train.quantization`` (None for none).
+
+    The backend is probed first, so a machine that cannot run it fails before the model loads.
+    """
+    if kind == "none":
+        return None
+    check_backend(kind)
+    return quantization_config(kind, dtype)
+
+
+def prepare_run(model: Any, *, kind: str, dtype: str, gradient_checkpointing: bool, folded_versions: int,
+                method: str) -> dict[str, Any] | None:
+    """Ready a quantised base for LoRA training; returns what the manifest records (None: not quantised).
+
+    Raises:
+        CladaptError: the config asks for quantization but the model was handed in unquantised, or
+            the method would fold earlier versions into the quantised weights.
+    """
+    if not is_quantized(model):
+        if kind != "none":
+            raise CladaptError(
+                f"train.quantization={kind} but the base model was passed in already loaded without it",
+                hint="let the run load the base model, or load it with the same BitsAndBytesConfig",
+            )
+        return None
+    kind = "4bit" if getattr(model, "is_loaded_in_4bit", False) else "8bit"  # what the model holds
+    check_fold(model, folded_versions, method)
+    prepare(model, gradient_checkpointing=gradient_checkpointing)
+    return record(kind, dtype, str(_bitsandbytes().__version__))

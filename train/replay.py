@@ -51,6 +51,7 @@ import torch
 
 from cladapt.adapters.base import Sidecars, TrainingPlugin
 from cladapt.errors import CladaptError
+from cladapt.train.distributed import main_first
 from cladapt.train.loop import REPLAY_KIND, row_logits, task_and_replay_ce
 from cladapt.train.replay_record import (
     DEFAULT_MAX_TOKENS,
@@ -256,7 +257,8 @@ def replay_extension(settings: ReplaySettings, store: Store) -> RunExtension:
     """The ``train_task`` extension: replay rows, the ``gere`` loss plugin and (BI) the sampler."""
 
     def apply(ctx: RunContext) -> None:
-        rec = ensure_record(store, ctx.model, ctx.tokenizer, ctx.base, settings)
+        # recorded (and stored in the registry) once, by process 0; the other processes then read it
+        rec = main_first(lambda: ensure_record(store, ctx.model, ctx.tokenizer, ctx.base, settings))
         ctx.rows_extra.extend(rec.rows())
         t = ctx.config.train
         usage: dict[str, Any] = {

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cladapt import distributed
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import TRAIN_ADAPTER, CLMethod, Sidecars, TaskSpec, TrainingPlugin
 from cladapt.adapters.compose import factors, folded
@@ -35,8 +36,10 @@ from cladapt.base_model import load as load_base
 from cladapt.errors import CladaptError
 from cladapt.precision import resolve as resolve_precision
 from cladapt.registry.refs import validate_task_name
+from cladapt.train import quantization
 from cladapt.train.chat import encode_all
 from cladapt.train.data import Example, LoadedData, load_examples
+from cladapt.train.distributed import commit_once, on_main, require_deepspeed, start
 from cladapt.train.history import StoreHistory
 from cladapt.train.loop import CLTrainer
 from cladapt.train.signatures import signature_sidecars
@@ -233,6 +236,7 @@ def train_from_config(
     from cladapt.train.extensions import build_extensions
     from cladapt.train.gate import load_policy, make_after_train, record_row
 
+    start()  # under torchrun / accelerate launch: join the other processes (no-op otherwise)
     forgetting = METHODS.get(cfg.method.name).forgetting
     extensions = build_extensions(cfg, store)
     if forgetting or forget_data:
@@ -300,7 +304,10 @@ def train_task(
     validate_task_name(task)
     data: LoadedData = load_examples(data_files)
     started = time.time()
-    model, tokenizer, base = loaded if loaded is not None else load_base(cfg.base_model, dtype=cfg.train.dtype)
+    quant = None if loaded is not None else quantization.load_options(cfg.train.quantization, cfg.train.dtype)
+    model, tokenizer, base = (
+        loaded if loaded is not None else load_base(cfg.base_model, dtype=cfg.train.dtype, quantization=quant)
+    )
     torch.manual_seed(cfg.train.seed)
     method_cls = METHODS.get(cfg.method.name)
     if method_cls.forgetting and not forgetting:
@@ -309,6 +316,8 @@ def train_task(
         raise CladaptError(f"method {cfg.method.name!r} is not a forgetting method", hint="use `cladapt train` for it")
     method: CLMethod = method_cls(cfg.method, cfg.lora)
     check_zero3(cfg, method_cls)
+    if cfg.train.deepspeed:
+        require_deepspeed()
     history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
     ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
     for extend in extensions or []:
@@ -323,7 +332,7 @@ def train_task(
     from peft import get_peft_model
 
     run_dir = store.root / ".work" / "runs" / run_key(task, data.sha256, cfg)
-    if run_dir.exists() and not resume:
+    if run_dir.exists() and not resume and distributed.is_main():
         shutil.rmtree(run_dir)
     # a fresh random A per task and place in the sequence (PEFT's init draws from the global RNG);
     # methods that draw their own init (OWLoRA) get the same seed through TaskSpec.seed
@@ -333,6 +342,15 @@ def train_task(
         init_seed=seed, sequence_position=position, train_rows=len(rows), extra_rows=len(ctx.rows_extra)
     )
     torch.manual_seed(seed)
+    quantized = quantization.prepare_run(
+        model, kind=cfg.train.quantization, dtype=cfg.train.dtype, folded_versions=len(frozen),
+        gradient_checkpointing=cfg.train.gradient_checkpointing, method=cfg.method.name,
+    )
+    world = distributed.world_size()  # train.batch_size is per process: the optimizer sees world x more rows
+    ctx.manifest_extra["train_stats"].update(
+        processes=world, global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
+        **({"quantization": quantized} if quantized else {}),
+    )
     # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
     # the manifest keeps the id the user gave
     lora_config = scope_targets(method.lora_config(str(base.path)), model, cfg.lora.target_scope)
@@ -353,7 +371,7 @@ def train_task(
             import datasets
 
             train_ds = datasets.Dataset.from_list(rows)
-            steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum))
+            steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum * world))
             trainer = CLTrainer(
                 model=peft_model,
                 args=_training_args(cfg, run_dir, steps_per_epoch=steps_per_epoch),
@@ -374,19 +392,22 @@ def train_task(
             for p in plugins:
                 sidecars.merge(p.finalize(peft_model, spec))
             sidecars.merge(ctx.sidecars)
-            if after_train is not None:
-                after_train(ctx, peft_model)
+            if after_train is not None:  # evaluation and the gate: once, in process 0
+                on_main(lambda: after_train(ctx, peft_model))
         # the routing signature sees the adapter alone on the unmodified base (earlier summed adapters
         # unfolded again), exactly as a router embeds a query with one candidate's adapter
-        sidecars.merge(signature_sidecars(peft_model, tokenizer, data.examples, adapter=TRAIN_ADAPTER,
-                                          seed=cfg.train.seed, base=base))
+        on_main(lambda: sidecars.merge(signature_sidecars(peft_model, tokenizer, data.examples, adapter=TRAIN_ADAPTER,
+                                                          seed=cfg.train.seed, base=base)))
     except BaseException:
         # leave a model passed in with `loaded=` as it was given (no LoRA layers left behind)
         peft_model.unload()
         raise
-    record = _commit(store, ctx, method, history, peft_model, sidecars, data, stats, result, started)
+    # one registry write per run: process 0 commits, the others read the version it committed
+    record = commit_once(store, lambda: _commit(store, ctx, method, history, peft_model, sidecars, data, stats,
+                                                result, started))
     # the run finished: its checkpoints are no longer needed for --resume
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
     # leave the caller's base model as it was given
     peft_model.unload()
     return record

@@ -31,6 +31,14 @@ def _flag_overrides(**flags: object) -> list[str]:
         out.append("eval.on_history=true")
     if flags.get("eval_every"):
         out.append(f"eval.every={flags['eval_every']}")
+    if flags.get("deepspeed"):
+        from cladapt.train.distributed import deepspeed_config
+
+        out.append(f"train.deepspeed={deepspeed_config(str(flags['deepspeed']))}")
+    if flags.get("load_in_4bit") and flags.get("load_in_8bit"):
+        raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+    if flags.get("load_in_4bit") or flags.get("load_in_8bit"):
+        out.append(f"train.quantization={'4bit' if flags.get('load_in_4bit') else '8bit'}")
     return out
 
 
@@ -57,6 +65,12 @@ def _flag_overrides(**flags: object) -> list[str]:
 )
 @click.option("--eval-on-history", is_flag=True, help="after training, re-score every earlier task")
 @click.option("--eval-every", type=int, default=None, help="score seen tasks every N steps (stability-gap curves)")
+@click.option(
+    "--deepspeed", default=None, metavar="FILE",
+    help="DeepSpeed JSON config, or a bundled preset: zero2 (adapters on a frozen base), zero3 (sharded base)",
+)
+@click.option("--load-in-4bit", is_flag=True, help="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes); plain LoRA saved")
+@click.option("--load-in-8bit", is_flag=True, help="the frozen base in 8-bit (bitsandbytes LLM.int8)")
 @click.option("--json", "as_json", is_flag=True, help="print the new version's record as JSON")
 def train_cmd(
     task: str,
@@ -78,15 +92,21 @@ def train_cmd(
     cladapt train --task amazon --data amazon.jsonl --method olora --asd --replay general
 
     Nothing is written to the registry unless the run finishes; an interrupted run can be
-    continued with --resume.
+    continued with --resume. Under torchrun / accelerate launch the processes train together
+    and process 0 alone commits one version and prints it.
     """
+    from cladapt import distributed
     from cladapt.config import load_config
+    from cladapt.train.distributed import main_first, start
     from cladapt.train.run import train_from_config
 
+    start()  # several processes: join them (one process: nothing to do)
     cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *_flag_overrides(**flags)])
-    store = open_store(registry, create=True)
+    store = main_first(lambda: open_store(registry, create=True))
     record = train_from_config(store, task, [str(p) for p in data], cfg, eval_data=[str(p) for p in eval_data] or None,
                                resume=resume)
+    if not distributed.is_main():
+        return
     if as_json:
         click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
         return
