@@ -17,6 +17,7 @@ launcher's world size and the training world size differ.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -204,8 +205,16 @@ def deepspeed_config(name_or_path: str) -> str:
     return str(path.resolve())
 
 
-def require_deepspeed() -> None:
-    """Refuse ``--deepspeed`` clearly when the package is missing."""
+def require_deepspeed(config: str) -> None:
+    """Refuse ``--deepspeed`` clearly when the package is missing or the config shards the base.
+
+    ZeRO-3 partitions every parameter, the frozen base included. Training runs under it, but what
+    follows training here needs the whole model in one process: process 0 evaluates the version,
+    embeds its routing signature and saves the adapter while the others wait. Until those steps
+    run on all processes together, ZeRO-3 is refused for every method (``supports_zero3`` keeps
+    marking the methods that could run sharded at all); ZeRO-2 shards only gradients and optimizer
+    state, which for adapters on a frozen base is where the memory goes.
+    """
     try:
         import deepspeed  # noqa: F401
     except ImportError as exc:
@@ -213,3 +222,10 @@ def require_deepspeed() -> None:
             f"--deepspeed needs the deepspeed package ({exc})",
             hint="pip install 'cladapt[deepspeed]' (on a machine without CUDA: DS_BUILD_OPS=0)",
         ) from exc
+    stage = (json.loads(Path(config).read_text()).get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        raise CladaptError(
+            f"DeepSpeed ZeRO-3 ({config}) shards the frozen base, but evaluation, the routing signature and the "
+            "save after training run in process 0 alone and need it whole",
+            hint="use --deepspeed zero2 (gradients and optimizer state sharded; the base stays whole)",
+        )

@@ -317,7 +317,7 @@ def train_task(
     method: CLMethod = method_cls(cfg.method, cfg.lora)
     check_zero3(cfg, method_cls)
     if cfg.train.deepspeed:
-        require_deepspeed()
+        require_deepspeed(cfg.train.deepspeed)
     history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
     ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
     for extend in extensions or []:

@@ -97,5 +97,16 @@ def test_require_deepspeed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     with pytest.raises(CladaptError, match="--deepspeed needs the deepspeed package") as info:
-        D.require_deepspeed()
+        D.require_deepspeed(D.deepspeed_config("zero2"))
     assert "cladapt[deepspeed]" in (info.value.hint or "")
+
+
+def test_zero3_is_refused_for_every_method_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))  # installed or not
+    D.require_deepspeed(D.deepspeed_config("zero2"))
+    with pytest.raises(CladaptError, match="ZeRO-3 .*zero3.json.* process 0 alone") as info:
+        D.require_deepspeed(D.deepspeed_config("zero3"))
+    assert "--deepspeed zero2" in (info.value.hint or "")
