@@ -1,0 +1,1 @@
+"""accelerate launch configs (multi-process.yaml)."""
