@@ -1,4 +1,4 @@
-"""Tiny random LLaVA, Idefics3 (SmolVLM) and Qwen2-VL: load, train, evaluate, export, reload in plain PEFT.
+"""Tiny random LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM), Qwen2-VL and Qwen2.5-VL: load, train, evaluate, export, reload.
 
 Each family is built from a config in seconds, offline (``tiny_vlm.py``). One task of image rows
 trains a few steps through ``train_task``; the exported adapter, loaded on a fresh base by plain
@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-FAMILIES = ["llava", "idefics3", "qwen2_vl"]
+FAMILIES = ["llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl"]
 
 
 def _cfg(base: Path, method: str = "lora", **extra: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "idefics3", "qwen2_vl")
+FAMILIES = ("llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl")
 
 _CHATML_PARTS = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -131,13 +131,66 @@ def _qwen2_vl(folder: Path) -> None:
     (folder / "chat_template.jinja").write_text(template)
 
 
+def _llava_next(folder: Path) -> None:
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = _tokenizer(["<image>"], "<|im_end|>")
+    pinpoints = [[28, 28], [28, 56], [56, 28]]
+    image_proc = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=image_proc, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        chat_template=_CHATML_PARTS.replace("IMAGE", "'<image>'"), image_token="<image>", num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                       "projection_dim": 32},
+        text_config=_llama_text(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+    )
+    LlavaNextForConditionalGeneration(config).save_pretrained(folder)
+    proc.save_pretrained(folder)
+
+
+def _qwen2_5_vl(folder: Path) -> None:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _tokenizer(specials, "<|im_end|>")
+    image_proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=28 * 28, patch_size=14, merge_size=2)
+    template = _CHATML_PARTS.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    text = {**_llama_text(tok), "model_type": "qwen2_5_vl_text",
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 28,
+                       "fullatt_block_indexes": [1]},
+        text_config=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    image_proc.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(template)
+
+
 def build_tiny_vlm(folder: Path, family: str, *, seed: int = 0) -> Path:
     """Write a tiny random ``family`` model and its processor to ``folder`` (a from_pretrained folder)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    {"llava": _llava, "idefics3": _idefics3, "qwen2_vl": _qwen2_vl}[family](folder)
+    builders = {"llava": _llava, "idefics3": _idefics3, "qwen2_vl": _qwen2_vl, "llava_next": _llava_next,
+                "qwen2_5_vl": _qwen2_5_vl}
+    builders[family](folder)
     return folder
 
 
