@@ -357,7 +357,10 @@ class Store(StoreIndexing, StoreAnnotations, StoreMaintenance, StoreRuns):
     def stage(self, task: str) -> Staging:
         """A new private staging directory for one version of ``task``; no lock is taken."""
         validate_task_name(task)
-        return Staging.create(task, self._work_dir("staging") / uuid.uuid4().hex)
+        try:
+            return Staging.create(task, self._work_dir("staging") / uuid.uuid4().hex)
+        except OSError as exc:
+            raise _read_only(self.work_dir / "staging", exc) from exc
 
     def commit(self, staging: Staging, *, status: str = "active", reason: str = "trained", actor: str = "cladapt") -> VersionRecord:
         """Turn a staging directory into the next version of its task (see the module docstring).
@@ -506,3 +509,12 @@ def _choose(r: AdapterRef, versions: dict[int, str], statuses: tuple[str, ...] |
     if active or statuses is not None:
         return max(active, default=None)
     return max((v for v, s in versions.items() if s in ("candidate", "archived")), default=None)
+
+
+def _read_only(path: Path, exc: OSError) -> RegistryError:
+    """The error for a registry that cannot be written here (read-only mount, permissions, full disk)."""
+    return RegistryError(
+        f"cannot write {path}: {exc.strerror or exc} (the registry is read-only here?)",
+        hint="on a read-only mount or without write permission, listing and serving work; training and "
+        "changes need write access to the registry folder",
+    )

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cladapt.cli import cli
+from cladapt.errors import RegistryError
 from cladapt.registry.store import Store
 
 
@@ -79,10 +80,18 @@ def test_read_only_registry_is_a_clear_error(store: Store, commit, monkeypatch: 
 
     monkeypatch.setattr("cladapt.registry.lock.os.open", read_only)
     assert "amazon" in run("list", "--registry", store.root)  # reading needs no lock
-    for args in (("registry", "verify", store.root), ("rm", "--registry", store.root, "amazon@1")):
+    for args in (("registry", "verify", store.root), ("rm", "--registry", store.root, "amazon@1"),
+                 ("promote", "--registry", store.root, "amazon@1")):
         out = run(*args, code=1)
         assert "read-only" in out and "Read-only file system" in out
     assert [r.version for r in store.list()] == [1, 2]
+
+    def no_mkdir(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr("cladapt.registry.staging.Path.mkdir", no_mkdir)
+    with pytest.raises(RegistryError, match="read-only"):  # what `train` meets when it stages its version
+        store.stage("amazon")
 
 
 def test_hints_name_real_commands(store: Store, commit) -> None:

@@ -68,3 +68,19 @@ def test_cli_says_what_was_checked_and_what_was_not(store: Store, commit, tmp_pa
     (store.root / "policy.json").write_text("{broken")
     out = runner.invoke(cli, ["registry", "verify", str(store.root)])
     assert out.exit_code == 1 and "policy.json" in out.output
+
+
+def test_a_stored_evaluation_copied_as_is_is_unsealed_not_nested(store: Store, commit) -> None:
+    """What a pull does: the stored (sealed) file's JSON handed back to add_evaluation."""
+    commit("amazon")
+    store.add_evaluation("amazon@1", "e", {"acc": 0.5})
+    raw = json.loads((store.root / "tasks/amazon/v1/evals/e.json").read_text())
+    store.add_evaluation("amazon@1", "copy", raw)
+    assert store.evaluations("amazon@1") == {"e": {"acc": 0.5}, "copy": {"acc": 0.5}}
+    raw["payload"]["acc"] = 0.9  # a damaged copy is refused, not stored as new truth
+    import pytest
+
+    from cladapt.errors import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        store.add_evaluation("amazon@1", "bad", raw)
