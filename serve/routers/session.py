@@ -28,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 def base_model_of(store: Store, compositions: Sequence[str]) -> str:
     """The base-model id of the newest routable active version."""
-    recs = [r for r in store.list() if r.status == "active" and r.composition in compositions]
+    active = [r for r in store.list() if r.status == "active"]
+    recs = [r for r in active if r.composition in compositions]
     if not recs:
-        raise CladaptError(f"no active {'/'.join(compositions)}-composed versions in {store.root}",
-                           hint="train a task with a routed method first (--method lora)")
+        others = sorted({r.composition for r in active} & {"route", "sum"})
+        hint = (f"its active versions are {'/'.join(others)}-composed: pass --compositions {','.join(others)}"
+                if others else "train a task with a routed method first (--method lora)")
+        raise CladaptError(f"no active {'/'.join(compositions)}-composed versions in {store.root}", hint=hint)
     return str(max(recs, key=lambda r: r.created).manifest.base_model["id"])
 
 

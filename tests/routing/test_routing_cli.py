@@ -82,7 +82,7 @@ def test_bad_router_settings_name_the_key(trained) -> None:
     assert res.exit_code == 1 and "did you mean 'dtkr'" in res.output
 
 
-def _commit_without_signature(store, base_path: Path, task: str, seed: int) -> str:
+def _commit_without_signature(store, base_path: Path, task: str, seed: int, composition: str = "route") -> str:
     """A version as committed before routing existed: a trained-looking LoRA, no signature sidecar."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -98,7 +98,8 @@ def _commit_without_signature(store, base_path: Path, task: str, seed: int) -> s
     with store.stage(task) as staging:
         peft_model.save_pretrained(str(staging.adapter_dir))
         staging.manifest_fields.update(
-            method="lora", method_config={"name": "lora"}, composition="route", base_model=info.as_dict(),
+            method="lora" if composition == "route" else "inc-lora", method_config={"name": "lora"},
+            composition=composition, base_model=info.as_dict(),
             lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             data={"files": [], "sha256": "0" * 64, "rows": 16}, config={}, seed=0, parents=[],
             train_stats={"steps": 0}, metrics={},
@@ -143,3 +144,20 @@ def test_route_eval_on_a_benchmark_folder_and_route_list(trained, tmp_path) -> N
     assert "routing accuracy" in table and "dtkr: confusion" in table
     listed = cli_run("route", "list").output
     assert all(name in listed for name in ("oracle", "dtkr", "mos", "arrow", "sum")) and "retrieve = 2" in listed
+
+
+def test_sum_router_applies_every_sum_composed_version(tmp_path, tiny_base_path) -> None:
+    from cladapt.registry.store import Store
+
+    reg = tmp_path / "sum"
+    store = Store.init(reg)
+    for seed, task in enumerate(("news", "qa")):
+        _commit_without_signature(store, tiny_base_path, task, seed, composition="sum")
+    (route,) = json.loads(cli_run("route", "--registry", reg, "--router", "sum", "--compositions", "sum", "--json",
+                                  TOPICS).stdout)
+    assert route["combine"] == "sum" and [(a["ref"], a["weight"]) for a in route["adapters"]] == [("news@1", 1.0), ("qa@1", 1.0)]
+    out = cli_run("generate", "--registry", reg, "--router", "sum", "--compositions", "sum", "--max-new-tokens", "2",
+                  TOPICS).output
+    assert "-> news@1 (1.00), qa@1 (1.00) sum" in out and "answer:" in out
+    bad = cli_run("route", "--registry", reg, "--router", "sum", TOPICS, ok=False)  # no route-composed versions
+    assert bad.exit_code == 1 and "--compositions sum" in bad.output
