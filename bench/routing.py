@@ -66,12 +66,39 @@ def long_tasks(data_dir: Path) -> list[str]:
 # ------------------------------------------------------------------ accuracy, signature-only candidates
 
 
-def signature_views(model: Any, tok: Any, encoder: Any, data_dir: Path, tasks: list[str], *, instruction: bool,
+class DiskCached:
+    """A FeatureSource wrapper that keeps every embedding call's result on disk (re-runs, other modes).
+
+    Keyed by the space, adapter and the exact texts, so a changed sample or model id is a new entry.
+    """
+
+    def __init__(self, inner: Any, folder: Path, model_id: str) -> None:
+        self.inner, self.folder, self.model_id = inner, folder, model_id
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def spaces(self) -> frozenset[str]:
+        return self.inner.spaces()
+
+    def embed(self, space: str, texts: list[str], *, adapter: str | None = None) -> Any:
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        key = hashlib.sha256(json.dumps([self.model_id, space, adapter, list(texts)]).encode()).hexdigest()[:32]
+        path = self.folder / f"{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["x"]
+        out = self.inner.embed(space, texts, adapter=adapter)
+        save_file({"x": out.contiguous()}, str(path))
+        return out
+
+
+def signature_views(feats: Any, data_dir: Path, tasks: list[str], *, instruction: bool,
                     rows: int, cache: dict[Any, Any], need_base: bool) -> list[Any]:
     """One in-memory candidate per task: a signature of its training rows (base + encoder spaces)."""
     import torch
 
-    from cladapt.features import Signature, hidden_embed, sample_indices
+    from cladapt.features import Signature, sample_indices
     from cladapt.route_eval import benchmark_rows
     from cladapt.serve.routers.base import TaskView
 
@@ -84,8 +111,8 @@ def signature_views(model: Any, tok: Any, encoder: Any, data_dir: Path, tasks: l
             texts = [train[i].text for i in keep]
             labels = [train[i].example.answer for i in keep]  # type: ignore[union-attr]
             # the base model's space costs a 135M-parameter pass per prompt: only when a router reads it
-            base = hidden_embed(model, tok, texts) if need_base else torch.zeros(len(texts), 1)
-            enc = encoder.embed(texts) if encoder is not None else None
+            base = feats.embed("base", texts) if need_base else torch.zeros(len(texts), 1)
+            enc = feats.embed("encoder", texts) if "encoder" in feats.spaces() else None
             cache[key] = Signature(base=base, labels=labels, encoder=enc)
             print(f"  signature {task} ({'instruction' if instruction else 'input'}): {len(texts)} rows", flush=True)
         views.append(TaskView(ref=f"{task}@1", task=task, version=1, peft_name=f"{task}__v1", composition="route",
@@ -115,7 +142,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     if args.registry is None:
         model, tok, _ = load(args.base_model)
         encoder = load_encoder()
-        feats = FeatureExtractor(model, tok, encoder=encoder, batch_size=32)
+        feats = DiskCached(FeatureExtractor(model, tok, encoder=encoder, batch_size=32), args.embedding_cache,
+                           args.base_model)
         sig_cache: dict[Any, Any] = {}
     for mode in args.modes.split(","):
         instruction = mode == "instruction"
@@ -132,7 +160,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 started = time.perf_counter()
                 if args.registry is None:
                     router = ROUTERS.get(name)(cfg)
-                    router.fit(signature_views(model, tok, encoder, args.data_dir, tasks, instruction=instruction,
+                    router.fit(signature_views(feats, args.data_dir, tasks, instruction=instruction,
                                                rows=args.train_rows, cache=sig_cache, need_base=need_base))
                     fitted = time.perf_counter()
                     routes = router.route(_Rows(batch, idx))
@@ -323,6 +351,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="cl: that run's work folder (bench/work/cl_<order>_<profile>)")
     ap.add_argument("--precision", default="auto", help="cl: autocast of the scoring passes (as bench cl profiles)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--embedding-cache", type=Path, default=ROOT / "bench" / "work" / "routing-embeddings",
+                    help="accuracy: embeddings kept on disk between runs (signature-only candidates)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.what == "latency" and args.registry is None:
