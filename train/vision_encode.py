@@ -10,7 +10,8 @@ SmolVLM: from the image size) and yields token-aligned extras such as Qwen2-VL's
 Rows keep image *paths*, not pixels: :class:`VisionCollator` opens and processes a batch's
 images when the batch is built, so memory holds one batch of pictures at a time. An image row
 longer than ``train.max_length`` is an error (image tokens cannot be cut; the text around them
-could be, but a VQA question without its words teaches nothing).
+could be, but a VQA question without its words teaches nothing); a text row on a VLM loses the
+middle of its input as on a text base (``train.overlong``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cladapt.train.chat import IGNORE_INDEX, Encoded, _segments
+from cladapt.train.chat import IGNORE_INDEX, Encoded, _cut_middle, _segments
 from cladapt.train.data import Example
 from cladapt.train.loop import SIDE_KEYS, Collator
 from cladapt.vision import Processed, cat_vision, open_image, process, processor_of
@@ -64,12 +65,17 @@ def encode_vision(tokenizer: Any, ex: Example, *, max_length: int, overlong: str
             segments.append((text, paths))
     if queue:
         raise ValueError(f"{len(queue)} of the row's images have no placeholder in the rendered prompt")
+    truncated = False
+    if len(ids) > max_length and not segments and overlong == "truncate":
+        # a text row on a vision-language base: the middle of its input goes, as on a text base
+        ids, labels = _cut_middle(tokenizer, ex, max_length)
+        extras = {key: [0] * len(ids) for key in extras}
+        truncated = True
     if len(ids) > max_length:
-        raise ValueError(
-            f"{len(ids)} tokens (images included) > max_length {max_length}; image rows are never cut"
-        )
+        why = "image rows are never cut" if segments else "overlong=reject"
+        raise ValueError(f"{len(ids)} tokens (images included) > max_length {max_length}; {why}")
     extra: dict[str, Any] = {VISION_KEY: json.dumps(segments) if segments else "", **extras}
-    return Encoded(ids, labels, False, extra=extra)
+    return Encoded(ids, labels, truncated, extra=extra)
 
 
 class VisionCollator(Collator):
