@@ -203,7 +203,10 @@ def overheads(reg: Path, base: str, tasks: list[str], loaded: tuple[Any, Any, An
     from cladapt.serve.routers import QueryBatch
     from cladapt.serve.server import Server, load_serve_config
 
-    config = load_serve_config(base_model=base, router="dtkr", router_config={"space": "base"}, resolve_ttl_s=0)
+    hidden = int(loaded[0].config.hidden_size)
+    groups = 6 if hidden % 6 == 0 else 4  # DTKR's default 6 groups fit SmolLM2's 576; the tiny model has 64
+    config = load_serve_config(base_model=base, router="dtkr", router_config={"space": "base", "groups": groups},
+                               resolve_ttl_s=0)
     server = Server(config, Store.open(reg)).start()
     try:
         route_ms = []

@@ -23,26 +23,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cladapt_serve_process_answers_curl_and_openai(served_registry, tiny_base_path) -> None:
+ROUTER = ["--router", "dtkr", "--router-set", "space=base", "--router-set", "groups=1", "--router-set", "keys=5",
+          "--router-set", "retrieve=1"]
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen, str]:
+    """``cladapt ARGS --port P`` as a process, once its /health answers; returns (process, base URL)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "cladapt", "serve", "--registry", str(served_registry), "--base-model",
-           str(tiny_base_path), "--served-model-name", "tiny", "--router", "dtkr", "--router-set", "space=base",
-           "--router-set", "groups=1", "--router-set", "keys=5", "--router-set", "retrieve=1",
-           "--port", str(port), "--admin-token", "t0ken"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "cladapt", *args, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "exited")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_cladapt_serve_process_answers_curl_and_openai(served_registry, tiny_base_path) -> None:
+    proc, url = _spawn("serve", "--registry", str(served_registry), "--base-model", str(tiny_base_path),
+                       "--served-model-name", "tiny", *ROUTER, "--admin-token", "t0ken")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
         routed = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "auto", "messages": [{"role": "user", "content": "the film was terrible"}], "max_tokens": 4})
         assert routed.status_code == 200 and routed.headers["x-cladapt-adapter"] == "sentiment@1"
@@ -51,9 +67,7 @@ def test_cladapt_serve_process_answers_curl_and_openai(served_registry, tiny_bas
         assert len(list(stream)) >= 2
         assert {m.id for m in client.models.list().data} >= {"tiny", "sentiment", "topics", "sum", "auto"}
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+        _stop(proc)
     assert not any((Path(served_registry) / ".work" / "serve").iterdir())  # scratch removed at shutdown
 
 
@@ -75,3 +89,23 @@ def test_export_vllm_writes_folders_modules_and_command(served_registry, tmp_pat
     assert (out / "vllm-serve.sh").read_text().splitlines()[-1].startswith(f"vllm serve {SERVED}")
     again = cli_run("export", "--vllm", out, "--registry", served_registry, "--base-model-id", SERVED, ok=False)
     assert again.exit_code == 1 and "not an empty folder" in again.output
+
+
+def test_cladapt_proxy_process_in_front_of_fake_vllm(served_registry, tmp_path) -> None:
+    from fake_vllm import FakeVllm
+
+    from cladapt.serve.app import BackgroundServer
+
+    fake = FakeVllm()
+    with BackgroundServer(fake.app()) as upstream:
+        proc, url = _spawn("proxy", "--registry", str(served_registry), "--upstream", upstream.url, *ROUTER,
+                           "--adapter-dir", str(tmp_path / "adapters"))
+        try:
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": "auto", "messages": [{"role": "user", "content": "the company does business"}]})
+            assert r.status_code == 200 and r.headers["x-cladapt-adapter"] == "topics@1"
+            assert r.json()["choices"][0]["message"]["content"] == "answered by topics@1"
+            assert (tmp_path / "adapters" / "topics-v1" / "adapter_config.json").is_file()
+        finally:
+            _stop(proc)
+    assert [c[1]["lora_name"] for c in fake.calls if c[0] == "load"] == ["topics@1"]
