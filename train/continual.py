@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from cladapt import distributed
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import Sidecars, TaskSpec, TrainingPlugin
 from cladapt.train import evaluate as E
@@ -47,6 +48,8 @@ class ContinualEval(TrainingPlugin):
         self.points: list[dict[str, Any]] = []
 
     def _measure(self, model: Any, kind: str) -> None:
+        if not distributed.is_main():  # several processes: the curves are process 0's (same weights)
+            return
         scores = {}
         for t, es in self.sets.items():
             res = E.evaluate(model, self.tokenizer, es, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
@@ -64,6 +67,8 @@ class ContinualEval(TrainingPlugin):
             self._measure(model, "step")
 
     def finalize(self, model: PeftModel, task: TaskSpec) -> Sidecars:
+        if not distributed.is_main():  # only process 0 commits
+            return Sidecars()
         if not self.points or self.points[-1]["step"] != self.step:
             self._measure(model, "end")
         summary = summarize(self.points, self.task)
