@@ -79,6 +79,8 @@ class VisionTokenizer:
         object.__setattr__(self, "tokenizer", processor.tokenizer)
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("processor", "tokenizer"):  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
