@@ -224,9 +224,10 @@ class Index:
             for rec in upsert:
                 self._insert(conn, rec)
             for version, status in (statuses or {}).items():
-                rows = conn.execute(f"SELECT {_COLUMNS} FROM versions WHERE task=? AND version=?", (task, version)).fetchall()
-                for old in rows:
-                    self._insert(conn, self._record(old, check=True), status=status)
+                rows = conn.execute(f"SELECT {_COLUMNS}, checksum FROM versions WHERE task=? AND version=?",
+                                    (task, version)).fetchall()
+                for old in rows:  # checked first: a damaged row must never get a fresh checksum
+                    self._insert(conn, self._record(old[:-1], checksum=old[-1]), status=status)
             if crash:
                 crash_point(crash)
 
@@ -287,7 +288,7 @@ class Index:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._connect() as conn:
             rows = conn.execute(f"SELECT {_COLUMNS}, checksum FROM versions {where} ORDER BY task, version", args).fetchall()
-        records = [self._record(row[:-1], check=True, checksum=row[-1]) for row in rows]
+        records = [self._record(row[:-1], checksum=row[-1]) for row in rows]
         if version is None:
             self._check_complete(task, records)
         if statuses is not None:
@@ -315,8 +316,8 @@ class Index:
         ref = f"{task}@{version}"
         return [str(rec.ref) for rec in self.records() if ref in rec.parents]
 
-    def _record(self, row: tuple[object, ...], *, check: bool = False, checksum: object = None) -> VersionRecord:
-        if checksum is not None and checksum != _row_checksum(row):
+    def _record(self, row: tuple[object, ...], *, checksum: object) -> VersionRecord:
+        if checksum != _row_checksum(row):
             raise IndexCorrupt(f"index row {row[0]}@{row[1]} does not match its checksum")
         task, version, status, method, composition, r, alpha, base_fp, created, parents, manifest = row
         try:

@@ -70,3 +70,16 @@ def test_non_hex_digest_in_a_manifest_is_a_clear_error(store: Store, commit) -> 
     with pytest.raises(IntegrityError, match="invalid manifest"):
         store.get("amazon@1")
     assert any("invalid manifest" in p.message for p in store.verify())
+
+
+def test_a_damaged_row_is_never_rewritten_with_a_fresh_checksum(store: Store, commit) -> None:
+    import sqlite3
+
+    commit("amazon")
+    commit("amazon")
+    with sqlite3.connect(store.root / "index.sqlite") as conn:  # damage the row promote will demote
+        conn.execute("UPDATE versions SET method='lorb' WHERE version=2")
+    conn.close()
+    store.set_status("amazon@1", "active", "promote")
+    assert [(r.version, r.status, r.method) for r in store.list()] == [(1, "active", "lora"), (2, "archived", "lora")]
+    assert store.verify() == []
