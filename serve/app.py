@@ -222,6 +222,16 @@ async def _events(server: Server, job: Job, sink: AsyncSink, chat: bool, include
     def sse(obj: dict[str, Any]) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    try:
+        async for event in _stream(server, job, sink, chat, include_usage, endpoint, rid, sse):
+            yield event
+    finally:
+        job.cancelled = not job.finished  # the client went away: stop decoding its row
+    yield "data: [DONE]\n\n"
+
+
+async def _stream(server: Server, job: Job, sink: AsyncSink, chat: bool, include_usage: bool, endpoint: str,
+                  rid: str, sse: Any) -> AsyncIterator[str]:
     yield sse(_chunk(job, rid, chat, delta="" if chat else None, first=True))
     first_token = True
     while True:
@@ -243,7 +253,6 @@ async def _events(server: Server, job: Job, sink: AsyncSink, chat: bool, include
             logger.error("stream failed: %s", value)
             yield sse(error_body(str(value), type_="server_error", code=500))
             break
-    yield "data: [DONE]\n\n"
 
 
 async def _answer(server: Server, req: CompletionRequest | ChatRequest, endpoint: str) -> Response:
@@ -253,7 +262,10 @@ async def _answer(server: Server, req: CompletionRequest | ChatRequest, endpoint
     if req.stream:
         return StreamingResponse(_events(server, job, sink, chat, req.include_usage(), endpoint),
                                  media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-    result = await _until_done(sink)
+    try:
+        result = await _until_done(sink)
+    finally:
+        job.cancelled = not job.finished  # a disconnect cancels this coroutine: stop decoding the row
     _record(server, endpoint, job, result)
     return _json(200, _completion_body(job, result, chat, new_id("chatcmpl" if chat else "cmpl")), headers)
 

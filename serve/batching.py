@@ -63,6 +63,7 @@ class Job:
     route: dict[str, Any] | None = None
     needs_route: bool = False
     finished: bool = False
+    cancelled: bool = False  # set by the app when the client disconnects
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -165,6 +166,10 @@ class Batcher:
 
     def _process(self, batch: list[Job]) -> None:
         with self.engine.lock:
+            for job in batch:
+                if job.cancelled:  # its client left while it waited
+                    self.fail(job, CladaptError("the client disconnected"))
+            batch = [j for j in batch if not j.finished]
             auto = [j for j in batch if j.needs_route]
             if auto:
                 t0 = time.perf_counter()
@@ -223,6 +228,7 @@ class Batcher:
             sampling=job.sampling,
             on_done=done,
             on_text=job.sink.text if job.stream else None,
+            cancelled=lambda: job.cancelled,
         )
 
     def _finish(self, job: Job) -> None:

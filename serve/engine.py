@@ -68,6 +68,8 @@ class Row:
     sampling: Sampling
     on_done: Callable[[Result], None]
     on_text: Callable[[str], None] | None = None
+    #: polled every step: a row whose client went away stops and frees its batch slot
+    cancelled: Callable[[], bool] | None = None
     # decoding state
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
@@ -205,6 +207,8 @@ class Engine:
     def _advance(self, row: Row, token: int) -> bool:
         """Append ``token`` to ``row``, stream what became final; True when the row is finished."""
         s = row.sampling
+        if row.cancelled is not None and row.cancelled():
+            return self._finish(row, self._text(row), "cancelled")
         if token in self.eos_ids:
             return self._finish(row, self._text(row), "stop")
         row.generated.append(token)

@@ -4,6 +4,7 @@ concurrent load with zero failures; a promote is served without a restart."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -146,5 +147,31 @@ def test_cache_checksums_are_verified_on_load(served_registry, tiny_base_path, t
         with pytest.raises(IntegrityError):
             server.cache.ensure(["qa@1"])
         assert server.cache.loaded() == []
+    finally:
+        server.close()
+
+
+def test_a_client_that_disconnects_stops_its_row(served_registry, tiny_base_path) -> None:
+    server = start_server(served_registry, tiny_base_path, batch_window_ms=0)
+    body = {"model": "tiny", "prompt": "the film", "max_tokens": 400, "temperature": 0, "stream": True}
+    finished: list[tuple[str, int]] = []
+    real_finish = server.engine._finish
+
+    def spy(row, text, reason):  # records how each row ended
+        finished.append((reason, len(row.generated)))
+        return real_finish(row, text, reason)
+
+    server.engine._finish = spy
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            with httpx.stream("POST", bg.url + "/v1/completions", json=body, timeout=60) as r:
+                next(r.iter_lines())  # the first event, then hang up
+            deadline = time.monotonic() + 30
+            while server.batcher.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.batcher.pending == 0
+            assert finished[0][0] == "cancelled" and finished[0][1] < 400
+            ok = httpx.post(bg.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=60)
+            assert ok.status_code == 200
     finally:
         server.close()
