@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: how long the other processes wait for process 0's work alone (evaluation, signature, commit):
+#: the process group's timeout, longer than accelerate's 30-minute default for long evaluations
+WAIT_SECONDS = 6 * 3600
 
 #: the bundled DeepSpeed presets (``--deepspeed zero2``); their files live in configs/deepspeed/
 DEEPSPEED_PRESETS = ("zero2", "zero3")
@@ -104,7 +109,7 @@ def start(*, cuda: bool | None = None) -> Launch:
         if launch.rank == 0:
             logger.info("no CUDA device: training the %d processes together on CPU (gloo)", launch.world_size)
         os.environ["ACCELERATE_USE_CPU"] = "true"  # read again by the Trainer's own accelerator
-    state = PartialState(cpu=not cuda)
+    state = PartialState(cpu=not cuda, timeout=timedelta(seconds=WAIT_SECONDS))
     check_world(launch, state.num_processes, distributed.world_size())
     quiet_followers()
     return launch
