@@ -13,6 +13,7 @@ Measured in one run, on one base model:
     python bench/serving.py --smoke                       # tiny random model, ~1 minute (CI-sized)
     python bench/serving.py                               # the default 135M model; results/serving.json
     python bench/serving.py --concurrency 1,4,8,16 --requests-per-slot 4 --max-tokens 32
+    python bench/serving.py --threads 1                   # on a shared, busy CPU (OpenMP spinning hurts there)
 
 Adapters are random LoRAs (r=8 on q_proj/v_proj, like a default train) committed to a scratch registry:
 speed does not depend on what the weights learned, and no training is needed.
@@ -123,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-slot", type=int, default=4, help="requests per cell = this x concurrency (min 8)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every measurement (same for all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.smoke:
         levels, args.max_tokens = [c for c in levels if c <= 8], min(args.max_tokens, 8)
     with tempfile.TemporaryDirectory(prefix="cladapt-bench-serving-") as tmp:

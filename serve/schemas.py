@@ -188,6 +188,7 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, description="torch device (default: cpu)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's; 1 on a shared, busy CPU)")
     max_batch_size: int = Field(8, ge=1, description="rows generated together in one batch")
     batch_window_ms: float = Field(10.0, ge=0, description="how long the first request waits for others to join its batch")
     max_queue: int = Field(64, ge=1, description="requests admitted but not finished; beyond it: 503 + Retry-After")

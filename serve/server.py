@@ -97,6 +97,10 @@ class Server:
 
         self.config = config
         self.store = store
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         base_id = config.base_model or default_base_model(store)
         model, tokenizer, self.info = loaded if loaded is not None else load(base_id, dtype=config.dtype,
                                                                                device=config.device)

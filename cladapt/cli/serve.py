@@ -51,10 +51,11 @@ def _settings(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--admin-token", default=None, envvar="CLADAPT_ADMIN_TOKEN",
               help="bearer token of the admin endpoints [env CLADAPT_ADMIN_TOKEN; none: disabled]")
 @click.option("--device", default=None, help="torch device (cpu, cuda)")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (1 helps on a shared, busy CPU)")
 def serve_cmd(registry: Path | None, configs: tuple[Path, ...], base_model: str | None, served_model_name: str | None,
               router: str | None, router_set: tuple[str, ...], host: str | None, port: int | None,
               max_batch_size: int | None, cache_capacity: int | None, pin: tuple[str, ...], admin_token: str | None,
-              device: str | None) -> None:
+              device: str | None, threads: int | None) -> None:
     """Serve the registry's adapters with an OpenAI-compatible API (completions, chat, models, metrics).
 
     \b
@@ -69,7 +70,7 @@ def serve_cmd(registry: Path | None, configs: tuple[Path, ...], base_model: str 
     config = load_serve_config(
         configs, base_model=base_model, served_model_name=served_model_name, router=router, host=host, port=port,
         max_batch_size=max_batch_size, cache_capacity=cache_capacity, pin=list(pin) or None,
-        admin_token=admin_token, device=device, router_config=_settings(router_set) or None,
+        admin_token=admin_token, device=device, threads=threads, router_config=_settings(router_set) or None,
     )
     server = Server(config, open_store(registry)).start()
     try:

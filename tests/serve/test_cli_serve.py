@@ -57,7 +57,7 @@ def _stop(proc: subprocess.Popen) -> str:
 
 def test_cladapt_serve_process_answers_curl_and_openai(served_registry, tiny_base_path) -> None:
     proc, url = _spawn("serve", "--registry", str(served_registry), "--base-model", str(tiny_base_path),
-                       "--served-model-name", "tiny", *ROUTER, "--admin-token", "t0ken")
+                       "--served-model-name", "tiny", *ROUTER, "--admin-token", "t0ken", "--threads", "1")
     try:
         routed = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "auto", "messages": [{"role": "user", "content": "the film was terrible"}], "max_tokens": 4})
