@@ -13,11 +13,12 @@ The lock file is opened with ``O_NOFOLLOW`` and its folder is checked for links 
 registry root: a ``.work/lock`` planted as a link to some other file must not get that file
 truncated (the holder's pid is written into the lock file).
 
-Why not the ``filelock`` package: its default soft-lock fallback (a lock file that survives a
-SIGKILL) has to be switched off, its ``O_NOFOLLOW`` and cross-instance re-entrancy
-(``is_singleton``) exist only in recent releases, it does not check the lock's folder for links,
-and it removes the lock file on release, so the holder's pid cannot be shown in the timeout
-message. What the registry needs is the ~100 lines of ``flock`` below.
+Why not the ``filelock`` package (installed, through torch, datasets and huggingface_hub): the registry's promises
+would then rest on options whose defaults and existence vary across its releases (the soft-lock
+fallback, on by default in 4.x, leaves a lock that survives a SIGKILL and must be switched off;
+cross-instance re-entrancy needs ``is_singleton``; ``O_NOFOLLOW`` on the lock file is recent),
+it does not check the lock's folder for links, and it is not a declared dependency. The few lines
+of ``flock`` below are the whole mechanism and are tested here (kill, threads, re-entrancy, links).
 """
 
 from __future__ import annotations
