@@ -18,7 +18,7 @@ would then rest on options whose defaults and existence vary across its releases
 fallback, on by default in 4.x, leaves a lock that survives a SIGKILL and must be switched off;
 cross-instance re-entrancy needs ``is_singleton``; ``O_NOFOLLOW`` on the lock file is recent),
 it does not check the lock's folder for links, and it is not a declared dependency. The few lines
-of ``flock`` below are the whole mechanism and are tested here (kill, threads, re-entrancy, links).
+of ``flock`` below are the whole mechanism, tested by tests/registry (kills, threads, re-entrancy, links).
 """
 
 from __future__ import annotations
