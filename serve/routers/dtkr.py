@@ -1,8 +1,9 @@
 """DTKR: grouped task keys with per-request top-k retrieval (SLM, Peng et al., ICLR 2024; methods.md §6).
 
-Fit (per version, from its signature): the sampled prompts' embeddings are split into ``G`` groups
-of ``d/G`` dimensions; per group, seeded spherical k-means gives ``K`` unit-norm keys
-(``[G, K, d/G]``). Route (per request, never averaged over a batch)::
+Fit (per version, from its signature): seeded spherical k-means over the sampled prompts'
+embeddings gives ``K`` clusters; each cluster's mean is split into ``G`` groups of ``d/G``
+dimensions, normalised per group: ``K`` unit-norm keys per group (``[G, K, d/G]``), key ``j``
+one coherent direction across groups. Route (per request, never averaged over a batch)::
 
     q_g = normalize(q[g-slice]);  score[j] = mean_g cos(q_g, key_{g,j})   over every task's keys
     J = top-`retrieve`(score);     w_j = max(score_j, 0) / sum_J max(score, 0)     [cladapt] clamp
@@ -97,13 +98,25 @@ class DTKRRouter(Router):
 
 
 def task_keys(emb: torch.Tensor, groups: int, k: int, *, seed: int = 0) -> torch.Tensor:
-    """``[G, K, d/G]`` unit-norm keys of one task from its signature rows ``[n, d]``."""
+    """``[G, K, d/G]`` unit-norm keys of one task from its signature rows ``[n, d]``.
+
+    The K clusters are found on the whole vector and each key is split into its G groups
+    afterwards, so key j is one coherent direction in every group: the score sums group cosines
+    *per key*, which is meaningless if each group's k-means numbered its clusters on its own.
+    """
     n, d = emb.shape
     if d % groups:
         raise CladaptError(f"DTKR: {groups} groups do not divide the embedding size {d}",
                            hint="pick groups that divide it (e.g. 6 for MiniLM's 384 and SmolLM2's 576)")
-    parts = emb.float().reshape(n, groups, d // groups)
-    return torch.stack([spherical_kmeans(parts[:, g], k, seed=seed + g)[0] for g in range(groups)])
+    _, assign = spherical_kmeans(emb, k, seed=seed)
+    parts = torch.nn.functional.normalize(emb.float().reshape(n, groups, d // groups), dim=-1)  # [n, G, w]
+    keys = []
+    for j in range(k):
+        members = parts[assign == j]
+        if members.shape[0] == 0:  # fewer distinct rows than k: repeat the first cluster's key
+            members = parts[assign == assign[0]]
+        keys.append(torch.nn.functional.normalize(members.sum(0), dim=-1))  # [G, w]
+    return torch.stack(keys, dim=1)  # [G, K, w]
 
 
 def key_scores(q: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:

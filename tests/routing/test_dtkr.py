@@ -57,7 +57,7 @@ def test_a_rows_route_does_not_depend_on_its_batch() -> None:
 
 
 def test_separable_clusters_route_with_full_accuracy() -> None:
-    _, pts = clusters(8, 48, 60, spread=0.15, seed=3)
+    _, pts = clusters(8, 48, 60, spread=0.1, seed=3)
     router = DTKRRouter(DTKRConfig(groups=6))
     router.fit([view(f"t{i}", pts[i, :40]) for i in range(8)])
     held_out = pts[:, 40:].reshape(-1, 48)
