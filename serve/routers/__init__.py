@@ -20,6 +20,7 @@ ROUTERS: Registry[Router] = Registry(
         "mos": "cladapt.serve.routers.mos:MOSRouter",
         "arrow": "cladapt.serve.routers.arrow:ArrowRouter",
         "sum": "cladapt.serve.routers.sum:SumRouter",
+        "lda": "cladapt.serve.routers.lda:LDARouter",
     },
 )
 

@@ -100,3 +100,30 @@ def test_key_scores_are_the_group_mean_of_cosines() -> None:
     qg = torch.nn.functional.normalize(q.reshape(3, 4), dim=-1)
     expected = torch.stack([(qg[g] @ keys[g].T) for g in range(3)]).mean(0)
     assert torch.allclose(key_scores(q, keys)[0], expected, atol=1e-6)
+
+
+def test_lda_separates_clusters_that_cosine_confuses() -> None:
+    from cladapt.serve.routers.lda import LDAConfig, LDARouter
+
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(1, 32, generator=gen) * 3  # every row of both tasks leans the same way
+    spread = torch.ones(32)
+    spread[0] = 0.1  # the tasks differ along one quiet direction; the loud ones carry no task information
+    a = shared + torch.randn(200, 32, generator=gen) * spread
+    b = shared + torch.randn(200, 32, generator=gen) * spread
+    a[:, 0] += 0.3
+    b[:, 0] -= 0.3
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)  # as features are
+    gold = ["a@1"] * 50 + ["b@1"] * 50
+    hits = {}
+    for router in (LDARouter(LDAConfig()), DTKRRouter(DTKRConfig(groups=1, keys=1, retrieve=1))):
+        router.fit([view("a", a[:150]), view("b", b[:150])])
+        routes = router.route(_batch(torch.cat([a[150:], b[150:]])))
+        hits[router.name] = sum(r.top == g for r, g in zip(routes, gold, strict=True))
+        assert all(abs(sum(w for _, w in r.adapters) - 1.0) < 1e-6 for r in routes)
+    assert hits["lda"] >= 75 and hits["lda"] >= hits["dtkr"] + 15  # cosine to the centroid is near chance
+    lda = LDARouter(LDAConfig())
+    lda.fit([view("a", a), view("b", b)])
+    before = {ref: lda.version_state(ref)[0] for ref in lda.stats}
+    lda.fit([view("c", torch.randn(50, 32, generator=gen))])
+    assert all(torch.equal(lda.version_state(ref)[0]["scatter"], t["scatter"]) for ref, t in before.items())
