@@ -161,9 +161,10 @@ class LossOutputs:
 
     def row_logits(self, rows: torch.Tensor) -> torch.Tensor:
         if self._logits is not None:
-            return self._logits[rows]
+            return self._logits[rows.to(self._logits.device)]
         assert self._head is not None
-        return self._head(self._raw.hidden_states[-1][rows])
+        hidden = self._raw.hidden_states[-1]
+        return self._head(hidden[rows.to(hidden.device)])
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -289,12 +290,13 @@ class CLTrainer(Trainer):
         raw = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=0 if checking else 1)
         if raw.hidden_states is None:
             raise RuntimeError(f"{type(model).__name__} returned no hidden states; set train.loss_logits=full")
-        targets = shifted_labels(labels)
+        hidden = raw.hidden_states[-1]
+        targets = shifted_labels(labels).to(hidden.device)  # a model split over devices ends elsewhere
         keep = targets != IGNORE_INDEX
-        logits = self._apply_head(head, raw.hidden_states[-1][keep])
+        logits = self._apply_head(head, hidden[keep])
         if checking and bool(keep.any()):
             self._head_checked = True
-            why = head_mismatch(raw.logits[keep], logits)
+            why = head_mismatch(raw.logits[keep.to(raw.logits.device)].to(logits.device), logits)
             if why is not None:
                 logger.warning("train.loss_logits=labelled: %s; training with full logits", why)
                 self._head = None
@@ -302,10 +304,10 @@ class CLTrainer(Trainer):
                 return raw, ce, LossOutputs(raw, ce)
         replay = None
         if kinds is not None:
-            rows = kinds == REPLAY_KIND
+            rows = (kinds == REPLAY_KIND).to(keep.device)
             if bool(rows.any()) and not bool(rows.all()):
-                replay = rows[:, None].expand_as(keep)[keep]
-        ce = labelled_ce(logits, targets[keep], replay)
+                replay = rows[:, None].expand_as(keep)[keep].to(logits.device)
+        ce = labelled_ce(logits, targets[keep].to(logits.device), replay)
         if checking:  # this step computed the full logits anyway: plugins read them as they are
             return raw, ce, LossOutputs(raw, ce)
         return raw, ce, LossOutputs(raw, ce, head=lambda h: self._apply_head(head, h))

@@ -144,29 +144,40 @@ def _train(method: str, store: Any, task: str, files: dict[str, str], cfg: Any, 
     return train_task(store, task, [files[task]], cfg, loaded=loaded, extensions=build_extensions(cfg, store))
 
 
+@pytest.fixture(scope="module")
+def shared(tiny_base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Task files, the replay texts and, per method, a registry holding its first task (made once)."""
+    root = tmp_path_factory.mktemp("labelled-logits")
+    files = {k: str(write_jsonl(root / f"{k}.jsonl", task_rows(k, 12))) for k in ("sentiment", "topics")}
+    texts = str(write_jsonl(root / "general.jsonl", [{"text": t} for t in REPLAY_TEXTS]))
+    return {"root": root, "files": files, "texts": texts, "first": {}}
+
+
 @pytest.mark.parametrize(("method", "extra"), CASES)
 def test_labelled_logits_match_full_logits(
-    method: str, extra: dict[str, Any], tiny_base_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, extra: dict[str, Any], shared: dict[str, Any], tiny_base_path: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cladapt.base_model import load
     from cladapt.config import load_config
     from cladapt.registry.store import Store
 
-    files = {k: str(write_jsonl(tmp_path / f"{k}.jsonl", task_rows(k, 12))) for k in ("sentiment", "topics")}
-    replay = {"replay.texts": str(write_jsonl(tmp_path / "general.jsonl", [{"text": t} for t in REPLAY_TEXTS]))}
+    files = shared["files"]
 
-    def config(mode: str, steps: int = STEPS) -> Any:
+    def config(mode: str, steps: int = STEPS, more: dict[str, Any] = extra) -> Any:
         over = tiny_overrides(**{"train.max_steps": steps, "train.save_steps": 100, "train.max_grad_norm": 0.0,
-                                 "train.loss_logits": mode,
-                                 **TINY.get(method, {}), **extra, **(replay if extra else {})})
+                                 "train.loss_logits": mode, **TINY.get(method, {}), **more,
+                                 **({"replay.texts": shared["texts"]} if more else {})})
         return load_config(method=method, overrides=[*over, f"base_model={tiny_base_path}"])[0]
 
     loaded = load(str(tiny_base_path))
-    first = Store.init(tmp_path / "reg-first")
-    _train(method, first, "sentiment", files, config("full", 1), loaded)  # history (and the replay record)
+    if method not in shared["first"]:  # the history task 2 builds on (trained once per method)
+        first = Store.init(shared["root"] / f"first-{method}")
+        _train(method, first, "sentiment", files, config("full", 1, {}), loaded)
+        shared["first"][method] = first.root
     runs: dict[str, _Capture] = {}
     for mode in ("labelled", "full"):
-        shutil.copytree(first.root, tmp_path / f"reg-{mode}")
+        shutil.copytree(shared["first"][method], tmp_path / f"reg-{mode}")
         with _Capture(loaded[0], monkeypatch) as cap:
             _train(method, Store.open(tmp_path / f"reg-{mode}"), "topics", files, config(mode), loaded)
         monkeypatch.undo()
