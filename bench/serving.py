@@ -137,12 +137,28 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cladapt-bench-serving-") as tmp:
         result = run(Path(tmp), args, levels)
     result["args"] = {k: str(v) for k, v in vars(args).items()}
+    result["machine"] = machine()
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     failed = sum(c["failed"] for c in result["cells"])
     return 1 if failed else 0
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (the load average says how shared the CPU was)."""
+    import os
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "command": " ".join(["python", *sys.argv])}
 
 
 def run(tmp: Path, args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:

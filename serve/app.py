@@ -165,7 +165,7 @@ async def _admit(server: Server, req: CompletionRequest | ChatRequest) -> tuple[
 
 def _extra(job: Job) -> dict[str, Any]:
     return {"adapter": None if job.label == "base" else job.label, "requested": job.model,
-            "router": job.route and (job.route.get("router") or None), "route": job.route}
+            "router": job.route["router"] if job.route else None, "route": job.route}
 
 
 async def _until_done(sink: AsyncSink) -> Result:

@@ -202,7 +202,8 @@ class Server:
             except CladaptError as exc:
                 self.batcher.fail(job, exc)
                 continue
-            job.key, job.label, job.route, job.needs_route = target.key, target.label, route.to_json(), False
+            job.key, job.label, job.needs_route = target.key, target.label, False
+            job.route = {"router": self.router.name, **route.to_json()}
             self.metrics.routed.labels(target.label, "auto").inc()
 
     def route_target(self, route: Route) -> Target:

@@ -175,3 +175,39 @@ def test_a_client_that_disconnects_stops_its_row(served_registry, tiny_base_path
             assert ok.status_code == 200
     finally:
         server.close()
+
+
+def test_stacked_lora_path_matches_peft_adapter_names(served_registry, tiny_base_path) -> None:
+    """The engine's per-row stacked LoRA gives PEFT's own mixed-batch logits and tokens."""
+    import torch
+
+    server = start_server(served_registry, tiny_base_path)
+    try:
+        engine = server.engine
+        names = server.cache.ensure(["sentiment@1", "topics@1", "news@1"]) + [BASE]
+        ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+        stacked = engine._stacked_lora()
+        assert stacked is not None and len(stacked.layers) == 4  # q_proj and v_proj of 2 layers
+        width = max(map(len, ids))
+        x = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.no_grad():
+            peft_logits = engine.model(input_ids=x, attention_mask=mask, adapter_names=names).logits
+            with stacked.active(engine.model):
+                stacked.select(names)
+                ours = engine.model(input_ids=x, attention_mask=mask).logits
+            plain = engine.model(input_ids=x, attention_mask=mask, adapter_names=[BASE] * 4).logits
+        assert torch.allclose(ours, peft_logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours[:3], plain[:3], atol=1e-3)  # the adapters do change the rows
+
+        def decode(use_stacked: bool) -> dict[int, str]:
+            engine.use_stacked = use_stacked
+            out: dict[int, str] = {}
+            engine.run([Row(ids[i], names[i], Sampling(max_tokens=6), on_done=lambda r, i=i: out.__setitem__(i, r.text))
+                        for i in range(4)])
+            return out
+
+        assert decode(True) == decode(False)
+    finally:
+        server.engine.use_stacked = True
+        server.close()

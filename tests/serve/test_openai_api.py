@@ -78,7 +78,7 @@ def test_auto_routes_each_request_by_content(client) -> None:
             model="auto", messages=[{"role": "user", "content": prompt}], **GREEDY)
         extra = raw.parse().model_extra["cladapt"]
         assert raw.headers["x-cladapt-adapter"] == extra["adapter"]
-        assert set(extra["route"]["scores"]) == {"sentiment@1", "topics@1"}
+        assert set(extra["route"]["scores"]) == {"sentiment@1", "topics@1"} and extra["router"] == "dtkr"
         got[prompt] = extra["adapter"]
     # the prompts are the tasks' own signature prompts: dtkr must send each to its task
     assert got == {"the film was terrible": "sentiment@1", "the company does business": "topics@1"}
