@@ -4,7 +4,8 @@ Two shapes, both loadable by ``PeftModel.from_pretrained`` and by vLLM:
 
 * one version: its stored folder, copied byte for byte;
 * merged: every active sum-composed version on the newest version's base model, rank-concatenated
-  into one LoRA whose delta is exactly their sum (methods.md §10).
+  into one LoRA whose delta is exactly their sum (methods.md §10); versions on another base are
+  left out and listed in ``ExportResult.skipped``.
 
 The destination must be new or empty, so an export never mixes its files with older ones.
 """
@@ -12,7 +13,7 @@ The destination must be new or empty, so an export never mixes its files with ol
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,11 +27,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export wrote: the refs it contains and the resulting LoRA rank."""
+    """What an export wrote: the refs it contains and the resulting LoRA rank; ``skipped``: the
+    active sum-composed versions a merged export left out because they were trained on another
+    base model than the newest version's (an adapter only applies to its own base)."""
 
     out: Path
     refs: list[str]
     rank: int
+    skipped: list[str] = field(default_factory=list)
 
 
 def _check_out(out: Path) -> None:
@@ -61,4 +65,7 @@ def export_merged(store: Store, out: Path) -> ExportResult:
     info = BaseModelInfo(bm["id"], Path("."), bm["fingerprint"], bm.get("tokenizer_fingerprint", ""))
     chosen = summed_versions(store, info)
     ranks = write_merged(store, chosen, out, bm["id"])
-    return ExportResult(out, [f"{r.task}@{r.version}" for r in chosen], max(ranks.values()))
+    refs = [f"{r.task}@{r.version}" for r in chosen]
+    skipped = [f"{r.task}@{r.version}" for r in recs
+               if r.status == "active" and r.composition == "sum" and f"{r.task}@{r.version}" not in refs]
+    return ExportResult(out, refs, max(ranks.values()), skipped)

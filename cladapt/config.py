@@ -29,6 +29,9 @@ from cladapt.adapters.base import LoraSpec, MethodConfig
 from cladapt.base_model import DEFAULT_BASE_MODEL
 from cladapt.errors import CladaptError, ConfigError, Issue
 
+#: seeds reach numpy (``transformers.set_seed``), which takes 0 .. 2**32 - 1
+SEED_MAX = 2**32 - 1
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,7 +53,7 @@ class TrainSettings(_Strict):
     overlong: Literal["truncate", "reject"] = Field(
         "truncate", description="what to do with examples longer than max_length: cut the middle of the input, or reject"
     )
-    seed: int = Field(0, description="seed for initialisation, shuffling and every method's random choice")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for initialisation, shuffling and every method's random choice")
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(50, ge=1, description="checkpoint every N optimizer steps (for --resume)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="base-model dtype")
@@ -81,6 +84,14 @@ class TrainSettings(_Strict):
     )
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config, passed through unchanged")
 
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        # transformers reads any value <= 0 as "use epochs"; only -1 says so on purpose
+        if value < 1 and value != -1:
+            raise ValueError(f"must be -1 (train for `epochs`) or a positive number of steps, got {value}")
+        return value
+
 
 class AsdSettings(_Strict):
     """Answer-style diversification (methods.md §4.1)."""
@@ -91,7 +102,9 @@ class AsdSettings(_Strict):
         "base", description="who writes BE/DE explanations: the base model, or nobody (quota redistributed)"
     )
     original_style: Literal["SA", "YN", "MCQ", "BE", "DE"] = Field("SA", description="the task's own answer style")
-    seed: int | None = Field(None, description="seed of the conversion (default: train.seed); stored in asd.json")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="seed of the conversion (default: train.seed); stored in asd.json"
+    )
     labels: list[str] | None = Field(
         None, description="the task's label set L (default: the distinct answers of the task's rows)"
     )
@@ -330,6 +343,56 @@ def _validate(merged: dict[str, Any], name: str, prov: dict[str, str]) -> RunCon
         raise ConfigError(issues, hint="`cladapt config check FILE` validates a config without training")
     cfg.method = method_cfg
     return cfg
+
+
+def _matrix_shape(module: Any) -> tuple[int, int] | None:
+    """(out, in) of a module PEFT can put a LoRA on (Linear, quantised Linear, Embedding, Conv1D)."""
+    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if isinstance(out_f, int) and isinstance(in_f, int):
+        return out_f, in_f
+    n, d = getattr(module, "num_embeddings", None), getattr(module, "embedding_dim", None)
+    if isinstance(n, int) and isinstance(d, int):
+        return n, d
+    weight = getattr(module, "weight", None)
+    shape = tuple(getattr(weight, "shape", ()))
+    if len(shape) == 2 and not list(module.children()):
+        return int(shape[0]), int(shape[1])
+    return None
+
+
+def check_lora_fits(lora: LoraSpec, model: Any, peft_config: Any) -> None:
+    """Check ``lora.target_modules`` and ``lora.r`` against the loaded base model, before training.
+
+    Config validation cannot see the model, and PEFT is lenient where a user needs an answer: a
+    name that matches nothing is dropped silently when another name matches (and fails deep in
+    ``get_peft_model`` otherwise), and any rank is accepted, although a LoRA on a ``d_out x d_in``
+    matrix cannot have rank above ``min(d_out, d_in)`` (a larger ``r`` adds parameters, not capacity,
+    and shrinks the ``alpha / r`` scaling).
+
+    Args:
+        peft_config: the LoRA config as it will be applied (after ``vision.scope_targets``).
+
+    Raises:
+        ConfigError: naming ``lora.target_modules`` (with the names the model has) or ``lora.r``.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = [(name, shape) for name, m in model.named_modules() if name and (shape := _matrix_shape(m))]
+    available = sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n, _ in modules)]
+    matched = [(n, shape) for n, shape in modules if check_target_module_exists(peft_config, n)]
+    issues: list[Issue] = []
+    if missing or not matched:
+        what = f"no module named {', '.join(missing)}" if missing else "no module in scope (lora.target_scope)"
+        issues.append(Issue("lora.target_modules", f"{what}; modules that can take a LoRA: {', '.join(available)}"))
+    if matched:
+        name, shape = min(matched, key=lambda item: min(item[1]))
+        if lora.r > min(shape):
+            issues.append(Issue(
+                "lora.r", f"{lora.r} is above the rank a LoRA on {name} ({shape[0]}x{shape[1]}) can have: {min(shape)}"
+            ))
+    if issues:
+        raise ConfigError(issues, hint="fix the keys above (--set or your config file); nothing was trained")
 
 
 def config_from_manifest(data: dict[str, Any]) -> RunConfig:

@@ -88,6 +88,10 @@ def join_prompt(instruction: str, inp: str) -> str:
     return instruction + sep + inp
 
 
+#: files whose rows are JSON objects (a null there is explicit, not an empty table cell)
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
 def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
     """Yield (line number or row number, raw record)."""
     suffix = path.suffix.lower()
@@ -157,7 +161,11 @@ def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
     )
 
 
-def _check_str(rec: dict[str, Any], key: str, where: str, issues: list[Issue], *, required: bool) -> str:
+def _check_str(rec: dict[str, Any], key: str, where: str, issues: list[Issue], *, required: bool,
+               null_ok: bool = True) -> str:
+    if key in rec and rec[key] is None and not null_ok:
+        issues.append(Issue(where, f"field {key!r} is null; give a string ('' for none) or leave the field out"))
+        return ""
     if key not in rec or rec[key] is None:
         if required:
             issues.append(Issue(where, f"missing field {key!r}"))
@@ -205,7 +213,12 @@ def _messages_from_chat(rec: dict[str, Any], where: str, issues: list[Issue]) ->
     return out
 
 
-def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example | None:
+def _to_example(rec: Any, file: str, line: int, issues: list[Issue], *, null_ok: bool = True) -> Example | None:
+    """One row -> an Example, or None with its problems in ``issues``.
+
+    ``null_ok``: a null field counts as absent (a table's empty cell); in JSON, where a field can
+    simply be left out, an explicit null is more likely a broken export and is refused.
+    """
     where = f"{file}:{line}"
     if not isinstance(rec, dict):
         issues.append(Issue(where, f"a row must be an object, got {type(rec).__name__}"))
@@ -227,9 +240,9 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue]) -> Example 
         issues.append(
             Issue(where, f"unknown field(s) {unknown}; rows use instruction/input/output or messages")
         )
-    instruction = _check_str(rec, "instruction", where, issues, required=False)
-    inp = _check_str(rec, "input", where, issues, required=False)
-    output = _check_str(rec, "output", where, issues, required=True)
+    instruction = _check_str(rec, "instruction", where, issues, required=False, null_ok=null_ok)
+    inp = _check_str(rec, "input", where, issues, required=False, null_ok=null_ok)
+    output = _check_str(rec, "output", where, issues, required=True, null_ok=null_ok)
     if "output" in rec and isinstance(rec.get("output"), str) and not output.strip():
         issues.append(Issue(where, "field 'output' is empty"))
     if not instruction.strip() and not inp.strip() and "instruction" not in unknown:
@@ -275,9 +288,10 @@ def load_examples(paths: Iterable[str | Path]) -> LoadedData:
             issues.append(Issue(str(path), "file not found"))
             continue
         count = 0
+        json_rows = path.suffix.lower() in JSON_SUFFIXES
         for line, rec in _read_records(path, issues):
             count += 1
-            ex = _to_example(rec, str(path), line, issues)
+            ex = _to_example(rec, str(path), line, issues, null_ok=not json_rows)
             if ex is not None:
                 examples.append(ex)
         if count == 0 and not any(i.where.startswith(str(path)) for i in issues):

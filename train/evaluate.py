@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from cladapt.errors import DataError, Issue
+from cladapt.errors import ConfigError, DataError, Issue
 from cladapt.generation import generate, render
 from cladapt.precision import autocast
 from cladapt.precision import resolve as resolve_precision
@@ -107,6 +107,8 @@ def load_eval_set(
         labels: the task's label set; default: the distinct answers, if they look like labels.
         limit: keep a seeded random sample of this many rows (file order is kept).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError([Issue("limit", f"must be a positive number of rows, got {limit!r}")])
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     data = load_examples(paths)
     examples = data.examples

@@ -24,12 +24,21 @@ class StoreHistory:
     def __init__(self, store: Store, *, base_fingerprint: str, current_task: str) -> None:
         self.store = store
         self.current_task = current_task
+        everything = store.list()
         records = [
             r
-            for r in store.list()
+            for r in everything
             if r.status == "active" and r.manifest.base_model.get("fingerprint") == base_fingerprint
         ]
         records.sort(key=lambda r: (r.created, r.task, r.version))
+        #: active versions of other tasks trained on another base model: invisible to methods (an
+        #: adapter only applies to its own base), listed so a run can say what it leaves out
+        self.elsewhere: list[tuple[str, str, str]] = [
+            (f"{r.task}@{r.version}", r.composition, str(r.manifest.base_model.get("id", "?")))
+            for r in sorted(everything, key=lambda r: (r.created, r.task, r.version))
+            if r.status == "active" and r.task != current_task
+            and r.manifest.base_model.get("fingerprint") != base_fingerprint
+        ]
         self._entries = [
             HistoryEntry(
                 ref=f"{r.task}@{r.version}",

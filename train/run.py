@@ -33,6 +33,7 @@ from cladapt.adapters.base import TRAIN_ADAPTER, CLMethod, Sidecars, TaskSpec, T
 from cladapt.adapters.compose import factors, folded
 from cladapt.base_model import BaseModelInfo, check_compatible
 from cladapt.base_model import load as load_base
+from cladapt.config import check_lora_fits
 from cladapt.errors import CladaptError
 from cladapt.precision import resolve as resolve_precision
 from cladapt.registry.refs import validate_task_name
@@ -315,6 +316,10 @@ def train_task(
     if forgetting and not method_cls.forgetting:
         raise CladaptError(f"method {cfg.method.name!r} is not a forgetting method", hint="use `cladapt train` for it")
     method: CLMethod = method_cls(cfg.method, cfg.lora)
+    # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
+    # the manifest keeps the id the user gave
+    lora_config = scope_targets(method.lora_config(str(base.path)), model, cfg.lora.target_scope)
+    check_lora_fits(cfg.lora, model, lora_config)  # a module name or rank the base cannot take: before any work
     check_zero3(cfg, method_cls)
     if cfg.train.deepspeed:
         require_deepspeed(cfg.train.deepspeed)
@@ -328,12 +333,10 @@ def train_task(
     frozen = [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in summed]
     for e in summed:
         check_compatible(store.get(e.ref).manifest.base_model, base, what=f"adapter {e.ref}")
+    _note_other_bases(ctx, method, history)
 
     from peft import get_peft_model
 
-    run_dir = store.root / ".work" / "runs" / run_key(task, data.sha256, cfg)
-    if run_dir.exists() and not resume and distributed.is_main():
-        shutil.rmtree(run_dir)
     # a fresh random A per task and place in the sequence (PEFT's init draws from the global RNG);
     # methods that draw their own init (OWLoRA) get the same seed through TaskSpec.seed
     position = sequence_position(store, base)
@@ -351,14 +354,16 @@ def train_task(
         processes=world, global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
         **({"quantization": quantized} if quantized else {}),
     )
-    # the adapter_config points at the local base folder (what PeftModel.from_pretrained can load);
-    # the manifest keeps the id the user gave
-    lora_config = scope_targets(method.lora_config(str(base.path)), model, cfg.lora.target_scope)
     peft_model = get_peft_model(model, lora_config, adapter_name=TRAIN_ADAPTER)
     collate = collator_for(tokenizer)
     loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
     spec = TaskSpec(name=task, rows=len(data.examples), seed=seed, dataloader=loader, extra=ctx.task_extra)
     plugins: list[TrainingPlugin] = [method, *ctx.plugins]
+    # a checkpoint folder of this run's own (two identical runs never share one); --resume takes
+    # over a killed run's. Process 0 claims it, the others checkpoint into the same folder
+    run, run_path = on_main(lambda: store.claim_run(task, run_key(task, data.sha256, cfg), resume=resume),
+                            publish=lambda r: str(r.path))
+    run_dir = Path(run_path)
     try:
         with folded(peft_model, frozen):
             for p in plugins:
@@ -398,19 +403,40 @@ def train_task(
         # unfolded again), exactly as a router embeds a query with one candidate's adapter
         on_main(lambda: sidecars.merge(signature_sidecars(peft_model, tokenizer, data.examples, adapter=TRAIN_ADAPTER,
                                                           seed=cfg.train.seed, base=base)))
+        # one registry write per run: process 0 commits, the others read the version it committed
+        record = commit_once(store, lambda: _commit(store, ctx, method, history, peft_model, sidecars, data, stats,
+                                                    result, started))
+        if run is not None:  # committed: the checkpoints are no longer needed for --resume
+            run.finish()
     except BaseException:
         # leave a model passed in with `loaded=` as it was given (no LoRA layers left behind)
         peft_model.unload()
         raise
-    # one registry write per run: process 0 commits, the others read the version it committed
-    record = commit_once(store, lambda: _commit(store, ctx, method, history, peft_model, sidecars, data, stats,
-                                                result, started))
-    # the run finished: its checkpoints are no longer needed for --resume
-    if distributed.is_main():
-        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        if run is not None:  # the checkpoints stay for --resume; the folder is free to take over
+            run.release()
     # leave the caller's base model as it was given
     peft_model.unload()
     return record
+
+
+def _note_other_bases(ctx: RunContext, method: CLMethod, history: StoreHistory) -> None:
+    """Say which earlier adapters a summing method cannot fold because they were trained on another
+    base model (an adapter only applies to its own base): this version starts its own sequence on
+    this base. A warning, not an error: moving a registry to a new base is legitimate, but never
+    silent; the refs are recorded in ``train_stats.other_base_versions``."""
+    if method.composition != "sum":
+        return
+    other = [(ref, base_id) for ref, composition, base_id in history.elsewhere if composition == "sum"]
+    if not other:
+        return
+    refs = [ref for ref, _ in other]
+    ctx.manifest_extra.setdefault("train_stats", {})["other_base_versions"] = refs
+    logger.warning(
+        "%s on %s folds %d earlier adapter(s); left out, trained on another base model (%s): %s",
+        method.name, ctx.base.id, len(method.summed_history(history)), ", ".join(sorted({b for _, b in other})),
+        ", ".join(refs),
+    )
 
 
 def _commit(

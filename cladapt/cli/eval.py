@@ -40,7 +40,7 @@ def _n(v: Any, digits: int = 1) -> str:
 @click.option("--mode", type=click.Choice(["generate", "constrained", "both"]), default="generate", show_default=True,
               help="strict exact match on greedy answers, log-likelihood choice among the labels, or both")
 @click.option("--max-new-tokens", default="50", show_default=True, help="generation budget, or 'auto' (longest label + 4)")
-@click.option("--limit", type=int, default=None, help="score a seeded sample of this many rows")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="score a seeded sample of this many rows")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16", "auto"]), default="no", show_default=True,
               help="autocast the forward passes (auto: bf16 where the hardware has it); recorded with the score")

@@ -238,11 +238,9 @@ def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool, vllm:
             f"exported {len(result.refs)} adapters ({', '.join(result.refs)}) "
             f"as one LoRA of rank {result.rank} to {result.out}"
         )
-        left_out = [str(r.ref) for r in store.list()
-                    if r.status == "active" and r.composition == "sum" and str(r.ref) not in result.refs]
-        if left_out:  # never leave adapters out without a word
-            err_console.print(f"[yellow]warning:[/] left out {', '.join(left_out)}: trained on another base model "
-                              "than the newest version's", highlight=False)
+        if result.skipped:  # never leave adapters out without a word
+            err_console.print(f"[yellow]warning:[/] left out {', '.join(result.skipped)}: trained on another base "
+                              "model than the newest version's", highlight=False)
         return
     if len(args) != 2:
         raise click.UsageError("give REF (task or task@N) and OUT, or --merged OUT")

@@ -81,7 +81,7 @@ def test_sigkill_mid_run_leaves_registry_unchanged_and_resume_finishes(
     args = train_args(reg, "topics", data, tiny_base_path, **{"train.max_steps": 400, "train.save_steps": 5})
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = reg / ".work" / "runs"
-    assert _wait_for(lambda: any(runs.glob("*/checkpoint-*")), 120), "no checkpoint was written"
+    assert _wait_for(lambda: any(runs.glob("*/*/checkpoint-*")), 120), "no checkpoint was written"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert state_digest(reg) == before
