@@ -126,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every measurement (same for all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    ap.add_argument("--table", type=Path, default=None, help="print the README table of a results file and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.threads:
         import torch
@@ -144,6 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     failed = sum(c["failed"] for c in result["cells"])
     return 1 if failed else 0
+
+
+def table(result: dict[str, Any]) -> str:
+    """The README's markdown table of one results file."""
+    by = {(c["mix"], c["concurrency"]): c for c in result["cells"]}
+    lines = ["| concurrency | 1 adapter tok/s | p50 / p99 s | 8-adapter mix tok/s | p50 / p99 s | mix / single |",
+             "|---|---|---|---|---|---|"]
+    for c in sorted({c for _, c in by}):
+        one, mix = by[("single", c)], by[("mix", c)]
+        lines.append(f"| {c} | {one['tokens_per_s']:.1f} | {one['p50_s']:.2f} / {one['p99_s']:.2f} | "
+                     f"{mix['tokens_per_s']:.1f} | {mix['p50_s']:.2f} / {mix['p99_s']:.2f} | "
+                     f"{mix['tokens_per_s'] / one['tokens_per_s']:.2f} |")
+    plain = result["plain_peft_loop"]["tokens_per_s"]
+    lines.append(f"\nPlain transformers + PEFT loop, one request at a time: {plain:.1f} tok/s "
+                 f"(server at concurrency 8: {result['ratios'].get('c8_over_plain_loop', float('nan')):.2f}x). "
+                 f"Routing (dtkr, base space) {result['routing_ms_per_request']} ms a request; cold adapter load "
+                 f"{result['cold_load_ms']} ms; promote -> first answer of the new version "
+                 f"{result['promote_to_new_version_ms']} ms.")
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
