@@ -184,8 +184,10 @@ class Batcher:
             batch = self._fit_capacity(batch)
             if not batch:
                 return
-            keys = sorted({j.key for j in batch if j.key is not None})
-            names = dict(zip(keys, self.planner.ensure(keys), strict=True))
+            names = self._load(batch)
+            batch = [j for j in batch if not j.finished]
+            if not batch:
+                return
             rows = [self._row(job, names) for job in batch]
             for job in batch:
                 job.sink.started(job)
@@ -196,6 +198,23 @@ class Batcher:
                 for job in batch:
                     self.fail(job, exc)
                 raise
+
+    def _load(self, batch: list[Job]) -> dict[str, str]:
+        """Cache key -> PEFT name for the batch; an adapter that fails to load fails only its own requests."""
+        keys = sorted({j.key for j in batch if j.key is not None})
+        try:
+            return dict(zip(keys, self.planner.ensure(keys), strict=True))
+        except Exception:
+            logger.warning("loading %s failed; retrying one adapter at a time", keys)
+        names: dict[str, str] = {}
+        for key in keys:
+            try:
+                names[key] = self.planner.ensure([*names, key])[-1]
+            except Exception as exc:
+                for job in batch:
+                    if job.key == key:
+                        self.fail(job, exc)
+        return names
 
     def _fit_capacity(self, batch: list[Job]) -> list[Job]:
         """The longest prefix-respecting subset whose adapters fit the cache; the rest is re-queued."""

@@ -142,11 +142,17 @@ def test_cache_checksums_are_verified_on_load(served_registry, tiny_base_path, t
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    server = start_server(reg, tiny_base_path)
+    server = start_server(reg, tiny_base_path, batch_window_ms=300)
     try:
         with pytest.raises(IntegrityError):
             server.cache.ensure(["qa@1"])
         assert server.cache.loaded() == []
+        bodies = [{"model": m, "prompt": "the film", "max_tokens": 2, "temperature": 0} for m in ("qa", "sentiment")]
+        with BackgroundServer(create_app(server)) as bg:
+            bad, good = asyncio.run(_load(bg.url, bodies, concurrency=2))
+        # one batch: the tampered adapter fails its own request only
+        assert bad.status_code == 500 and "sha256" in bad.json()["error"]["message"]
+        assert good.status_code == 200 and server.cache.loaded() == ["sentiment@1"]
     finally:
         server.close()
 
