@@ -67,7 +67,7 @@ def _flag_overrides(**flags: object) -> list[str]:
 @click.option("--eval-every", type=int, default=None, help="score seen tasks every N steps (stability-gap curves)")
 @click.option(
     "--deepspeed", default=None, metavar="FILE",
-    help="DeepSpeed JSON config, or a bundled preset: zero2 (adapters on a frozen base), zero3 (sharded base)",
+    help="DeepSpeed JSON config, or the bundled preset zero2 (adapters on a frozen base; ZeRO-3 is refused)",
 )
 @click.option("--load-in-4bit", is_flag=True, help="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes); plain LoRA saved")
 @click.option("--load-in-8bit", is_flag=True, help="the frozen base in 8-bit (bitsandbytes LLM.int8)")
