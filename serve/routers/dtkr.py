@@ -49,6 +49,7 @@ class DTKRRouter(Router):
         self.cfg: DTKRConfig = self.config  # type: ignore[assignment]
         self.spaces = frozenset({self.cfg.space})  # type: ignore[misc]
         self.keys: dict[str, torch.Tensor] = {}  # ref -> [G, K, d/G]
+        self._pool: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # (refs, keys, owner index)
 
     def _fit_one(self, view: TaskView) -> None:
         sig = view.require_signature(self.name)
@@ -60,9 +61,11 @@ class DTKRRouter(Router):
                 f"`cladapt route index --task {view.task} --data ...`, or route with --set space=base",
             )
         self.keys[view.ref] = task_keys(emb, self.cfg.groups, self.cfg.keys, seed=self.cfg.seed)
+        self._pool = None
 
     def _drop_one(self, ref: str) -> None:
         self.keys.pop(ref, None)
+        self._pool = None
 
     def version_state(self, ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {"keys": self.keys[ref].contiguous()}, {}
@@ -70,31 +73,40 @@ class DTKRRouter(Router):
     def load_version_state(self, view: TaskView, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.tasks[view.ref] = view
         self.keys[view.ref] = tensors["keys"]
+        self._pool = None
+
+    def _pooled(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Every candidate's keys in one ``[G, T*K, d/G]`` tensor and each key's task index (built once
+        per candidate set, so routing among 1,000 tasks is one matmul, not 1,000 concatenations)."""
+        refs = self.candidates
+        if self._pool is None or self._pool[0] != refs:
+            pool = torch.cat([self.keys[r] for r in refs], dim=1)
+            owner = torch.cat([torch.full((self.keys[r].shape[1],), i, dtype=torch.long) for i, r in enumerate(refs)])
+            self._pool = (refs, pool, owner)
+        return self._pool
 
     def route(self, queries: QueryBatch) -> list[Route]:
         self._require_candidates()
-        refs = self.candidates
-        pool = torch.cat([self.keys[r] for r in refs], dim=1)  # [G, T*K, d/G]
-        owner = [ref for ref in refs for _ in range(self.keys[ref].shape[1])]
-        q = queries.embed(self.cfg.space)
-        scores = key_scores(q, pool)  # [B, T*K]
-        return [self._route_row(row, refs, owner) for row in scores]
+        refs, pool, owner = self._pooled()
+        scores = key_scores(queries.embed(self.cfg.space), pool)  # [B, T*K]
+        per_task = torch.full((scores.shape[0], len(refs)), float("-inf")).scatter_reduce(
+            1, owner.expand(scores.shape[0], -1), scores, reduce="amax")  # a task's score: its best key's
+        top = torch.topk(scores, min(self.cfg.retrieve, scores.shape[1]), dim=1)
+        return [self._route_row(refs, owner, per_task[b], top.values[b], top.indices[b]) for b in range(len(scores))]
 
-    def _route_row(self, score: torch.Tensor, refs: list[str], owner: list[str]) -> Route:
-        per_task = {ref: float("-inf") for ref in refs}
-        for j, ref in enumerate(owner):
-            per_task[ref] = max(per_task[ref], float(score[j]))
-        top = torch.topk(score, min(self.cfg.retrieve, score.numel()))
-        weights: dict[str, float] = {}
-        clamped = top.values.clamp_min(0.0)
+    def _route_row(self, refs: list[str], owner: torch.Tensor, per_task: torch.Tensor, values: torch.Tensor,
+                   indices: torch.Tensor) -> Route:
+        tasks = [refs[int(owner[j])] for j in indices.tolist()]
+        clamped = values.clamp_min(0.0)
         total = float(clamped.sum())
-        for v, j in zip(clamped.tolist(), top.indices.tolist(), strict=True):
-            if total > 0:
-                weights[owner[j]] = weights.get(owner[j], 0.0) + v / total
-        if not weights:  # every retrieved key is anti-aligned: fall back to the nearest task alone
-            weights = {owner[int(top.indices[0])]: 1.0}
-        return Route(adapters=mix(weights, self.config.top_k), scores=per_task,
-                     info={"keys": [owner[j] for j in top.indices.tolist()]})
+        weights: dict[str, float] = {}
+        if total > 0:
+            for ref, v in zip(tasks, clamped.tolist(), strict=True):
+                weights[ref] = weights.get(ref, 0.0) + v / total
+        else:  # every retrieved key is anti-aligned: fall back to the nearest task alone
+            weights = {tasks[0]: 1.0}
+        return Route(adapters=mix(weights, self.config.top_k), scores=dict(zip(refs, per_task.tolist(), strict=True)),
+                     info={"keys": tasks})
 
 
 def task_keys(emb: torch.Tensor, groups: int, k: int, *, seed: int = 0) -> torch.Tensor:
