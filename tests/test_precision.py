@@ -63,6 +63,7 @@ def test_training_under_bf16_keeps_fp32_adapter(tmp_path: Path, tiny_base_path: 
     assert _training_args(cfg, tmp_path / "o", steps_per_epoch=1).bf16
     assert not _training_args(load_config()[0], tmp_path / "o", steps_per_epoch=1).bf16
     reg = tmp_path / "reg"
+    cli_run("registry", "init", reg)
     cli_run("train", "--registry", reg, "--task", "sentiment", "--data", two_tasks["sentiment"],
             "--base-model", tiny_base_path, *set_args(**{"train.mixed_precision": "bf16"}))
     shown = json.loads(cli_run("show", "--registry", reg, "sentiment", "--json").output)

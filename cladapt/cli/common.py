@@ -39,11 +39,22 @@ def registry_option(func: F) -> F:
     )(func)
 
 
-def open_store(path: Path | None, *, create: bool = False) -> Store:
-    """Open the registry at ``path`` (or the default); ``create`` initialises a missing one."""
+def open_store(path: Path | None, *, create: bool = False, create_named: bool = False) -> Store:
+    """Open the registry at ``path`` (or the default).
+
+    ``create`` initialises the default registry (``$CLADAPT_REGISTRY``, else ``./.cladapt``) on first
+    use. A ``--registry PATH`` that holds no registry is an error naming it (and ``registry init``),
+    never a fresh empty registry: a typo would otherwise train into a new registry and the real one
+    would look unchanged. ``create_named`` also creates a named one (``pull`` into a new folder).
+
+    Raises:
+        NotFound: ``path`` holds no registry and may not be created here.
+    """
     from cladapt.registry.store import Store
 
     root = path or default_registry()
+    if path is not None and not create_named:
+        create = False  # Store.open names the path and `cladapt registry init PATH`
     if create and not (root / "cladapt-registry.json").exists():
         logging.getLogger("cladapt").info("Creating registry %s", root)
         return Store.init(root, exist_ok=True)

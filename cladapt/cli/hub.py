@@ -90,7 +90,7 @@ def pull_cmd(repo_id: str, registry: Path | None, revision: str | None, tasks: t
     """
     from cladapt.registry.hub import pull
 
-    store = open_store(registry, create=True)
+    store = open_store(registry, create=True, create_named=True)  # documented: pull into a new folder
     res = pull(store, repo_id, revision=revision, tasks=list(tasks) or None, on_diverge=on_diverge,  # type: ignore[arg-type]
                base_model=base_model, base_model_id=base_model_id, subfolder=subfolder)
     if as_json:

@@ -105,6 +105,7 @@ def test_bad_data_reports_every_row_and_writes_nothing(tmp_path: Path, tiny_base
 
 def test_bad_config_and_bad_task_name(tmp_path: Path, tiny_base_path: Path, two_tasks: dict[str, Path]) -> None:
     reg = tmp_path / "reg"
+    run("registry", "init", reg)
     result = run("train", "--registry", reg, "--task", "s", "--data", two_tasks["sentiment"],
                  "--set", "lora.alpah=4", ok=False)
     assert result.exit_code == 1 and "lora.alpah" in result.output and "did you mean 'alpha'" in result.output
@@ -124,6 +125,7 @@ def test_adapter_refused_on_another_base(trained: Path, tmp_path: Path) -> None:
 
 def test_overlong_rows_rejected_or_truncated(tmp_path: Path, tiny_base_path: Path) -> None:
     reg = tmp_path / "reg"
+    run("registry", "init", reg)
     rows = task_rows("sentiment", 8)
     rows[3]["input"] = "the film was great " * 200
     data = write_jsonl(tmp_path / "long.jsonl", rows)

@@ -75,6 +75,7 @@ def test_sigkill_mid_run_leaves_registry_unchanged_and_resume_finishes(
     tmp_path: Path, tiny_base_path: Path, two_tasks: dict[str, Path]
 ) -> None:
     reg = tmp_path / "reg"
+    subprocess.run(cladapt("registry", "init", reg), check=True, env=_env())
     subprocess.run(train_args(reg, "sentiment", two_tasks["sentiment"], tiny_base_path), check=True, env=_env())
     before = state_digest(reg)
     data = write_jsonl(tmp_path / "big.jsonl", task_rows("topics", 64))
@@ -101,6 +102,7 @@ def test_sigkill_mid_commit(tmp_path: Path, tiny_base_path: Path, two_tasks: dic
     from cladapt.registry.store import Store
 
     reg = tmp_path / "reg"
+    subprocess.run(cladapt("registry", "init", reg), check=True, env=_env())
     subprocess.run(train_args(reg, "sentiment", two_tasks["sentiment"], tiny_base_path), check=True, env=_env())
     before = state_digest(reg)
     proc = subprocess.run(train_args(reg, "topics", two_tasks["topics"], tiny_base_path),

@@ -66,6 +66,7 @@ def test_asd_preview_with_base_generator(tmp_path: Path, tiny_base_path: Path) -
 
 def test_replay_init_show_force(tmp_path: Path, tiny_base_path: Path) -> None:
     reg = tmp_path / "reg"
+    run("registry", "init", reg)
     texts = write_jsonl(tmp_path / "g.jsonl", [{"text": f"the film was great {i} and the plot"} for i in range(5)])
     out = run("replay", "init", "--registry", reg, "--base-model", tiny_base_path, "--texts", texts,
               "--max-tokens", "6", "--states")
@@ -88,6 +89,7 @@ def test_train_with_asd_and_replay_flags(tmp_path: Path, tiny_base_path: Path, t
     from conftest import tiny_overrides
 
     reg = tmp_path / "reg"
+    run("registry", "init", reg)
     texts = write_jsonl(tmp_path / "g.jsonl", [{"text": f"the film was great {i} and the plot"} for i in range(5)])
     sets = [x for item in tiny_overrides(**{"replay.texts": str(texts), "replay.max_tokens": 6})
             for x in ("--set", item)]

@@ -25,6 +25,7 @@ def evalsets(tmp_path: Path) -> dict[str, Path]:
 def test_history_gate_promote_rollback_log_report(tmp_path, tiny_base_path, two_tasks, evalsets) -> None:
     reg = tmp_path / "reg"
     common = ["--registry", reg, "--base-model", tiny_base_path]
+    run("registry", "init", reg)
     run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], "--eval-data", evalsets["sentiment"], *common, *sets())
     hist = json.loads(run("history", "--registry", reg, "--json").output)
     assert hist["tasks"] == ["sentiment"] and hist["refs"] == ["sentiment@1"] and hist["b"][0] is not None
@@ -68,6 +69,7 @@ def test_history_gate_promote_rollback_log_report(tmp_path, tiny_base_path, two_
 
 def test_eval_command_scores_and_records(tmp_path, tiny_base_path, two_tasks, evalsets) -> None:
     reg = tmp_path / "reg"
+    run("registry", "init", reg)
     run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], "--registry", reg, "--base-model",
         tiny_base_path, *sets())
     out = json.loads(run("eval", "--registry", reg, "--adapter", "sentiment", "--data", evalsets["sentiment"],

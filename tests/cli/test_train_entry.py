@@ -14,6 +14,7 @@ def test_forget_is_evaluated_not_gated_and_methods_match_their_command(tmp_path:
                                                                         two_tasks: dict[str, Path]) -> None:
     reg = tmp_path / "reg"
     common = ["--registry", reg, "--base-model", tiny_base_path]
+    run("registry", "init", reg)
     evalset = write_jsonl(tmp_path / "sentiment-test.jsonl", task_rows("sentiment", 6))
     run("train", "--task", "sentiment", "--data", two_tasks["sentiment"], "--eval-data", evalset, *common,
         *set_args(**{"eval.max_new_tokens": 3}))

@@ -25,6 +25,8 @@ def test_zero2_two_processes_equal_one_process(tmp_path: Path, tiny_base_path: P
     rows = write_jsonl(tmp_path / "sentiment.jsonl", task_rows("sentiment", 16))
     common = ["train", "--task", "sentiment", "--data", rows, "--base-model", tiny_base_path]
     two, one = tmp_path / "two", tmp_path / "one"
+    for reg in (two, one):
+        cli_run("registry", "init", reg)
     launch(torchrun(), [*common, "--registry", two, "--deepspeed", "zero2", *set_args(**{"train.batch_size": 4})],
            tmp_path)
     cli_run(*common, "--registry", one, *set_args(**{"train.batch_size": 8}))

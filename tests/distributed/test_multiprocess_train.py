@@ -40,6 +40,8 @@ def rows(tmp_path: Path) -> Path:
 def test_torchrun_inflora_commits_once_and_pools_covariances(tmp_path: Path, tiny_base_path: Path, rows: Path) -> None:
     common = ["train", "--task", "sentiment", "--data", rows, "--method", "inflora", "--base-model", tiny_base_path]
     two, one = tmp_path / "two", tmp_path / "one"
+    for reg in (two, one):
+        cli_run("registry", "init", reg)
     out = launch(torchrun(), [*common, "--registry", two, *set_args(**{"train.batch_size": 4})], tmp_path)
     cli_run(*common, "--registry", one, *set_args(**{"train.batch_size": 8}))
 
@@ -73,6 +75,8 @@ def test_accelerate_launch_lora_equals_one_process_with_the_same_global_batch(
         pytest.skip("accelerate launcher not installed")
     common = ["train", "--task", "sentiment", "--data", rows, "--base-model", tiny_base_path]
     two, one = tmp_path / "two", tmp_path / "one"
+    for reg in (two, one):
+        cli_run("registry", "init", reg)
     out = launch(accelerate_launch(), [*common, "--registry", two, *set_args(**{"train.batch_size": 4})], tmp_path)
     cli_run(*common, "--registry", one, *set_args(**{"train.batch_size": 8}))
     m2, v2 = only_version(two, "sentiment")

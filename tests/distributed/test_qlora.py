@@ -27,6 +27,7 @@ def _bnb_or_skip() -> None:
 def _train_quantized(tmp_path: Path, tiny_base_path: Path, flag: str) -> tuple[dict, Path]:
     rows = write_jsonl(tmp_path / "s.jsonl", task_rows("sentiment", 8))
     reg = tmp_path / "reg"
+    cli_run("registry", "init", reg)
     cli_run("train", "--registry", reg, "--task", "s", "--data", rows, "--base-model", tiny_base_path, flag,
             *set_args(**{"train.max_steps": 2}))
     version = reg / "tasks" / "s" / "v1"

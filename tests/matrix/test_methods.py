@@ -238,6 +238,7 @@ def test_cli_forget_end_to_end(tiny_base_path: Path, tmp_path: Path, two_tasks) 
     from cladapt.cli import cli
     from cladapt.registry.store import Store
 
+    Store.init(tmp_path / "reg")
     over = [a for kv in tiny_overrides(**{"train.max_steps": 1, "method.eval_batches": 1}) for a in ("--set", kv)]
     args = [
         "forget",

@@ -21,6 +21,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> d
     tmp = tmp_path_factory.mktemp("routing")
     files = {k: write_jsonl(tmp / f"{k}.jsonl", task_rows(k)) for k in ("sentiment", "topics")}
     reg = tmp / "reg"
+    cli_run("registry", "init", reg)
     for task, f in files.items():
         cli_run("train", "--registry", reg, "--task", task, "--data", f, "--base-model", tiny_base_path, *set_args())
     return {"reg": reg, **files}

@@ -33,6 +33,7 @@ def test_train_two_tasks_on_default_model(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_data.py"), str(tmp_path / "data"),
                     "--train", "48", "--test", "16"], check=True)
     reg = tmp_path / "reg"
+    subprocess.run([sys.executable, "-m", "cladapt", "registry", "init", str(reg)], check=True)
     for task in ("sentiment", "topics"):
         subprocess.run(
             [sys.executable, "-m", "cladapt", "train", "--registry", str(reg), "--task", task,

@@ -18,10 +18,12 @@ from vision_helpers import image_task_rows, write_rows
 def test_readme_commands_train_eval_generate_with_images(vlm_paths: dict[str, Path], tmp_path: Path) -> None:
     base = vlm_paths["llava"]
     reg = tmp_path / "reg"
+    cli_run("registry", "init", reg)
     vqa = write_rows(tmp_path / "vqa.jsonl", image_task_rows("colour", tmp_path))
     test = write_rows(tmp_path / "vqa_test.jsonl", image_task_rows("colour", tmp_path / "held-out", n=4))
     shapes = write_rows(tmp_path / "shapes.jsonl", image_task_rows("shape", tmp_path, chat=True))
 
+    cli_run("registry", "init", reg)
     check = cli_run("data", "check", vqa, "--base-model", base, "--json")
     assert json.loads(check.stdout)["rows"] == 8
 
