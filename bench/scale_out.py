@@ -58,6 +58,8 @@ def run_config(name: str, work: Path, rows: Path, args: argparse.Namespace) -> d
         cli.append("--load-in-4bit")
     if name.endswith("zero2"):
         cli += ["--deepspeed", "zero2"]
+    subprocess.run([sys.executable, "-m", "cladapt", "registry", "init", str(work / name)], check=True,
+                   capture_output=True)
     launcher = [sys.executable]
     if procs > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
@@ -100,13 +102,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads in all, split over the processes")
     ap.add_argument("--deepspeed", action="store_true", help="also 2 processes under --deepspeed zero2")
+    ap.add_argument("--configs", default="1proc,2proc,1proc-4bit",
+                    help="which configurations (results of earlier runs in --out are kept)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_out.json")
     ap.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()), help="each run's log goes here")
     args = ap.parse_args()
-    import torch
-
-    names = ["1proc", "2proc", "1proc-4bit"] + (["2proc-zero2"] if args.deepspeed else [])
-    results: dict[str, Any] = {}
+    names = args.configs.split(",") + (["2proc-zero2"] if args.deepspeed else [])
+    results: dict[str, Any] = json.loads(args.out.read_text())["configs"] if args.out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = work / "amazon.jsonl"
@@ -115,20 +117,27 @@ def main() -> None:
         for name in names:
             results[name] = run_config(name, work, rows, args)
             print(name, json.dumps(results[name]))
-    one, two = results["1proc"], results["2proc"]
+            write_report(results, args)
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write every configuration measured so far, with the ratios their pairs allow."""
+    import torch
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in results and b in results:
+            return round(results[a][key] / results[b][key], 3)
+        return None
+
     report = {
         "what": __doc__.splitlines()[0],
         "model": "smollm2-135m-instruct",
         "configs": results,
         "ratios": {
-            "step_time_2proc_over_1proc": round(two["seconds_per_step"] / one["seconds_per_step"], 3),
-            "peak_rss_per_process_2proc_over_1proc": round(
-                two["peak_rss_mib_largest_process"] / one["peak_rss_mib_largest_process"], 3
-            ),
-            "peak_rss_4bit_over_fp32": round(
-                results["1proc-4bit"]["peak_rss_mib_largest_process"] / one["peak_rss_mib_largest_process"], 3
-            ),
-            "step_time_4bit_over_fp32": round(results["1proc-4bit"]["seconds_per_step"] / one["seconds_per_step"], 3),
+            "step_time_2proc_over_1proc": ratio("2proc", "1proc", "seconds_per_step"),
+            "peak_rss_per_process_2proc_over_1proc": ratio("2proc", "1proc", "peak_rss_mib_largest_process"),
+            "peak_rss_4bit_over_fp32": ratio("1proc-4bit", "1proc", "peak_rss_mib_largest_process"),
+            "step_time_4bit_over_fp32": ratio("1proc-4bit", "1proc", "seconds_per_step"),
         },
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
                     "torch": torch.__version__},
