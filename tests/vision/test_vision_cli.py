@@ -23,7 +23,6 @@ def test_readme_commands_train_eval_generate_with_images(vlm_paths: dict[str, Pa
     test = write_rows(tmp_path / "vqa_test.jsonl", image_task_rows("colour", tmp_path / "held-out", n=4))
     shapes = write_rows(tmp_path / "shapes.jsonl", image_task_rows("shape", tmp_path, chat=True))
 
-    cli_run("registry", "init", reg)
     check = cli_run("data", "check", vqa, "--base-model", base, "--json")
     assert json.loads(check.stdout)["rows"] == 8
 
