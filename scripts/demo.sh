@@ -41,8 +41,8 @@ echo "== accuracy matrix"
 cladapt history --registry "$REG"
 cladapt report --registry "$REG" --out "$OUT/report"
 
-echo "== no task id: the router picks the adapter per question (DTKR keys from the training signatures)"
-cladapt generate --registry "$REG" --router dtkr --max-new-tokens 8 \
+echo "== no task id: the router picks the adapter per question (task prototypes from the training signatures)"
+cladapt generate --registry "$REG" --router lda --max-new-tokens 8 \
     "What is the sentiment of the following review? Answer with one word: positive or negative.
 The battery died within a week and support never answered." \
     "What is the topic of the following headline? Answer with one word: sports, business, science or world.

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cladapt.cli.common import console, echo_json, open_store, registry_option
 
-DEFAULT_ROUTER = "dtkr"
+DEFAULT_ROUTER = "lda"  # the most accurate in bench/results/routing_accuracy_encoder.json
 
 
 class _DefaultGroup(click.Group):
@@ -47,7 +47,7 @@ def _compositions(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
-def _session(registry: Path | None, router: str, settings: tuple[str, ...], top_k: int | None, compositions: str,
+def session_for(registry: Path | None, router: str, settings: tuple[str, ...], top_k: int | None, compositions: str,
              base_model: str | None) -> Any:
     from cladapt.serve.routers.session import RoutingSession
 
@@ -89,7 +89,7 @@ def route_group() -> None:
 def route_query(prompts: tuple[str, ...], registry: Path | None, router: str, settings: tuple[str, ...],
                 top_k: int | None, compositions: str, tasks: tuple[str, ...], base_model: str | None, as_json: bool) -> None:
     """Route PROMPTS: the chosen adapter(s), their weights, and every candidate's score."""
-    session = _session(registry, router, settings, top_k, compositions, base_model)
+    session = session_for(registry, router, settings, top_k, compositions, base_model)
     routes = session.route(list(prompts), task_ids=list(tasks) if tasks else None)
     if as_json:
         echo_json([{"prompt": p, "router": router, **r.to_json()} for p, r in zip(prompts, routes, strict=True)])
@@ -123,7 +123,7 @@ def route_eval(registry: Path | None, routers: str, settings: tuple[str, ...], t
     names = [r.strip() for r in routers.split(",") if r.strip()]
     results = []
     for name in names:
-        session = _session(registry, name, settings if len(names) == 1 else (), top_k, compositions, base_model)
+        session = session_for(registry, name, settings if len(names) == 1 else (), top_k, compositions, base_model)
         if data_dir is not None:
             wanted = [t.strip() for t in tasks.split(",")] if tasks else sorted({v.task for v in session.router.tasks.values()})
             rows = benchmark_rows(data_dir, wanted, split=split, instruction=not no_instruction, limit=limit)

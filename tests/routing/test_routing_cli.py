@@ -40,7 +40,7 @@ def test_training_writes_a_signature_with_every_space(trained) -> None:
     assert not __import__("torch").allclose(sig.base, sig.own)  # the trained adapter moves the embeddings
 
 
-@pytest.mark.parametrize("router", ["dtkr", "mos"])
+@pytest.mark.parametrize("router", ["dtkr", "mos", "lda"])
 def test_route_picks_each_tasks_adapter(trained, router) -> None:
     out = cli_run("route", "--registry", trained["reg"], "--router", router, "--json", SENTIMENT, TOPICS).stdout
     routes = json.loads(out)
@@ -53,7 +53,8 @@ def test_route_picks_each_tasks_adapter(trained, router) -> None:
 
 
 def test_jare_top_k_mixes_both_adapters(trained) -> None:
-    out = cli_run("route", "--registry", trained["reg"], "--set", "retrieve=8", "--top-k", "2", "--json", SENTIMENT).stdout
+    out = cli_run("route", "--registry", trained["reg"], "--router", "dtkr", "--set", "retrieve=8", "--top-k", "2", "--json",
+                  SENTIMENT).stdout
     (route,) = json.loads(out)
     assert [a["ref"] for a in route["adapters"]][0] == "sentiment@1"
     assert abs(sum(a["weight"] for a in route["adapters"]) - 1.0) < 1e-6
@@ -77,7 +78,7 @@ def test_eval_and_route_eval_with_routers(trained) -> None:
 
 
 def test_bad_router_settings_name_the_key(trained) -> None:
-    res = cli_run("route", "--registry", trained["reg"], "--set", "retreive=3", SENTIMENT, ok=False)
+    res = cli_run("route", "--registry", trained["reg"], "--router", "dtkr", "--set", "retreive=3", SENTIMENT, ok=False)
     assert res.exit_code == 1 and "retreive" in res.output and "retrieve" in res.output
     res = cli_run("route", "--registry", trained["reg"], "--router", "dtrk", SENTIMENT, ok=False)
     assert res.exit_code == 1 and "did you mean 'dtkr'" in res.output
@@ -142,7 +143,7 @@ def test_route_eval_on_a_benchmark_folder_and_route_list(trained, tmp_path) -> N
     (run,) = json.loads(out)
     assert run["n"] == 12 and set(run["confusion"]) == {"sentiment", "topics"}
     table = cli_run("route", "eval", "--registry", trained["reg"], "--data-dir", tmp_path / "pack", "--limit", "3").output
-    assert "routing accuracy" in table and "dtkr: confusion" in table
+    assert "routing accuracy" in table and "lda: confusion" in table  # the default router
     listed = cli_run("route", "list").output
     assert all(name in listed for name in ("oracle", "dtkr", "mos", "arrow", "sum")) and "retrieve = 2" in listed
 
