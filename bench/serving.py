@@ -78,7 +78,12 @@ async def _load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dic
             nonlocal tokens, failed
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post(url + "/v1/completions", json=body)
+                try:
+                    r = await client.post(url + "/v1/completions", json=body)
+                except httpx.TransportError as exc:  # counted, so a dropped connection shows in the result
+                    print(f"request failed: {exc!r}", file=sys.stderr)
+                    failed += 1
+                    return
                 if r.status_code != 200:
                     failed += 1
                     return

@@ -374,11 +374,16 @@ def create_app(server: Server) -> FastAPI:
 # ---------------------------------------------------------------------------------- running
 
 
+KEEP_ALIVE_S = 30
+
+
 def run(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
     """Serve ``app`` in the foreground until interrupted (Ctrl-C)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # keep-alive above uvicorn's 5 s: a client whose pooled connection the server closes while it
+    # reuses it gets a ReadError, and queued requests under load can sit idle that long
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 class BackgroundServer:
@@ -404,7 +409,8 @@ class BackgroundServer:
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self.url = f"http://{self.host}:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",
+                                                     timeout_keep_alive=KEEP_ALIVE_S))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
