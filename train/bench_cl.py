@@ -85,7 +85,7 @@ def read_order(data_dir: Path, order: str) -> tuple[list[str], dict[str, list[st
 
 def sample_rows(src: Path, n: int | None, dst: Path, *, seed: int = 0) -> Path:
     """A seeded sample of ``n`` lines of ``src`` (file order kept) written to ``dst``."""
-    lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in src.read_text(encoding="utf-8").split("\n") if ln.strip()]
     if n is not None and n < len(lines):
         lines = [lines[i] for i in sorted(random.Random(seed).sample(range(len(lines)), n))]
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +182,24 @@ def _cfg(spec: BenchSpec, cell: str) -> Any:
     return load_config(method="lora" if method == "mtl" else method, overrides=[*sets, *variant_sets, *spec.overrides])[0]
 
 
+def config_changes(recorded: dict[str, Any], cfg: Any, sections: tuple[str, ...] = ("method", "lora", "train")) -> list[str]:
+    """``section.key`` of every setting recorded with a cell or version that ``cfg`` now sets otherwise.
+
+    Keys only one side knows (a setting added to cladapt since) are not compared.
+    """
+    now = cfg.model_dump(mode="json")
+    changed = []
+    for section in sections:
+        old, new = recorded.get(section) or {}, now.get(section) or {}
+        changed += [f"{section}.{k}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    return changed
+
+
+def _stale(what: str, changed: list[str]) -> ConfigError:
+    return ConfigError([Issue(what, f"measured with other settings ({', '.join(changed[:6])})")],
+                       hint="results of other settings are never mixed: pass --fresh, or another --out and --work-dir")
+
+
 def _grid(rows: list[Any], tasks: list[str], section: str, field_: str) -> list[list[float | None]]:
     return [[r.score(t, section, field_) for t in tasks] for r in rows]
 
@@ -204,7 +222,11 @@ def run_cell(
     options = EvalOptions(history=True, mode=spec.profile.mode, max_new_tokens=spec.profile.max_new_tokens,
                           batch_size=cfg.eval.batch_size, before=False, precision=cfg.train.mixed_precision)
     for k, task in enumerate(tasks):
-        if len([r for r in recorded_rows(store) if r.status != "rejected"]) > k:
+        done = [r for r in recorded_rows(store) if r.status != "rejected"]
+        if len(done) > k:
+            changed = config_changes(store.get(done[k].ref).manifest.config, cfg, ("method", "lora", "train", "asd", "replay"))
+            if changed:
+                raise _stale(f"{method}: {done[k].ref} in {store.root}", changed)
             logger.info("[%s] %d/%d %s: already trained, reused", method, k + 1, len(tasks), task)
             continue
         mtl = parse_cell(method, spec.replay_data)[0] == "mtl"
@@ -324,6 +346,11 @@ def run_bench(spec: BenchSpec) -> Path:
             from cladapt.registry.store import Store
 
             cell["wall_seconds"] = cell_wall_seconds(Store.open(work_dir(spec) / "registries" / m), cell["refs"])
+    stale = {m: config_changes(cells[m].get("config") or {}, _cfg(spec, m)) for m in spec.methods
+             if (cells.get(m) or {}).get("status") == "done"}
+    for m, changed in stale.items():
+        if changed:
+            raise _stale(f"cell {m} of {result_path}", changed)
     cache: dict[str, Any] = results.setdefault("baseline_cache", {})
     data = work_dir(spec) / "data"
     for t in tasks:  # the cells read the sampled rows from here; bad test rows fail now, before any cell

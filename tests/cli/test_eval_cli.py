@@ -126,6 +126,17 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
         assert {k: v for k, v in after[m].items() if not k.startswith("ppl")} == before[m]
         assert len(after[m]["ppl"]) == 2 and after[m]["ppl_base"] > 1 and after[m]["ppl_data"]["samples"] == 4
     assert after["inc-lora"]["ppl"][1] != after["inc-lora"]["ppl"][0]  # task 2's model is the sum of both adapters
+    # results of other settings are never mixed into finished cells or registries
+    changed = [a if a != "lora.r=2" else "lora.r=4" for a in args]
+    bad = run(*changed, ok=False)
+    assert bad.exit_code == 1 and "measured with other settings (lora.r)" in bad.output and "--fresh" in bad.output
+    from cladapt.config import load_config
+    from cladapt.registry.store import Store
+    from cladapt.train.bench_cl import config_changes
+
+    store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "inc-lora")
+    cfg = load_config(method="inc-lora", overrides=["lora.r=4"])[0]
+    assert "lora.r" in config_changes(store.get("topics").manifest.config, cfg)
     bad = run("bench", "cl", "--data-dir", data, "--order", "o2", "--profile", "smoke", "--out", out, "--work-dir", tmp_path / "work", ok=False)
     assert bad.exit_code == 1 and "missing" in bad.output
 
