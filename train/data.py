@@ -117,7 +117,7 @@ def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
             bad_line = path.read_bytes()[: exc.start].count(b"\n") + 1
             issues.append(Issue(f"{path}:{bad_line}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
             return
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

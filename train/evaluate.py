@@ -393,7 +393,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 def load_texts(path: str | Path, *, limit: int = 32) -> list[str]:
     """The first ``limit`` non-empty ``text`` fields of a JSON Lines file (general-domain data)."""
     texts: list[str] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

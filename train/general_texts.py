@@ -110,13 +110,13 @@ def load_texts(path: str | Path) -> list[dict[str, str]]:
         raise DataError([Issue(str(path), "file not found")])
     raw = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".txt":
-        for n, line in enumerate(raw.splitlines(), start=1):
+        for n, line in enumerate(raw.split("\n"), start=1):
             if line.strip():
                 out.append({"text": line.strip(), "id": f"{path.name}:{n}", "source": str(path)})
         return out
     records: list[tuple[int, Any]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for n, line in enumerate(raw.splitlines(), start=1):
+        for n, line in enumerate(raw.split("\n"), start=1):
             if line.strip():
                 try:
                     records.append((n, json.loads(line)))

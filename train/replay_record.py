@@ -104,7 +104,7 @@ class ReplayRecord:
 
         ids = load_file(str(folder / "gere_ids.safetensors"))
         stats = load_file(str(folder / "gere_stats.safetensors"))
-        texts = [json.loads(x) for x in (folder / "gere_texts.jsonl").read_text().splitlines() if x.strip()]
+        texts = [json.loads(x) for x in (folder / "gere_texts.jsonl").read_text(encoding="utf-8").split("\n") if x.strip()]
         states_path = folder / "gere_states.safetensors"
         return cls(
             meta=json.loads((folder / "gere.json").read_text()),

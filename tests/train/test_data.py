@@ -86,3 +86,14 @@ def test_general_texts_loader(tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "ok"}, {"body": "x"}])
     with pytest.raises(DataError, match=r"b.jsonl:2"):
         load_texts(bad)
+
+
+def test_jsonl_rows_keep_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
+    # review texts in the benchmark pack hold U+0085 and U+2028 inside strings, written raw
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"instruction": "Sentiment?", "input": "great\u0085film\u2028really", "output": "positive"},
+            {"instruction": "Sentiment?", "input": "dull", "output": "negative"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    examples = load_examples([path]).examples
+    assert [e.line for e in examples] == [1, 2]
+    assert examples[0].input_text == "great\u0085film\u2028really"
