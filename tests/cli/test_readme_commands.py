@@ -66,7 +66,7 @@ TASK_A = "What is the sentiment of the following paragraph? Option: positive, ne
 ELISIONS: dict[str, list[str]] = {
     "cladapt generate --compose sum ...": [TASK_A],
     "cladapt train ... --eval-data amazon_test.jsonl --eval-on-history": ["--task", "amazon", "--data", "amazon.jsonl"],
-    "cladapt train ... --eval-every 10": ["--task", "amazon", "--data", "amazon.jsonl"],
+    "cladapt train ... --eval-every 10": ["--task", "amazon", "--data", "amazon.jsonl", "--eval-data", "amazon_test.jsonl"],
     "cladapt route --router mos --json ...": [TASK_A],
     "cladapt route --router dtkr --top-k 2 --set retrieve=8 ...": [TASK_A],
 }
@@ -472,19 +472,28 @@ def test_methods(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
-def pipeline(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> Path:
+def pipeline(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory,
+             tiny_base_path: Path) -> tuple[Path, dict[str, str]]:
     here = enter(workspace, tmp_path_factory.mktemp("pipeline") / "work")
-    for key in PIPELINE:
-        run_readme(key, tiny_base_path)
-    return here
+    outputs = {key: run_readme(key, tiny_base_path) for key in PIPELINE}
+    return here, outputs
 
 
-def test_data_pipeline_evaluation_and_gate(pipeline: Path) -> None:
-    store = _store(pipeline / ".cladapt")
-    versions = {r.version: r for r in store.list(task="amazon")}
-    assert sorted(versions) == [1, 2, 3, 4, 5]
-    assert any(versions[1].path.rglob("asd.json")) and not any(versions[2].path.rglob("asd.json"))
-    assert (pipeline / "report").is_dir() and any((pipeline / "report").glob("*.html"))
+def test_data_pipeline_evaluation_and_gate(pipeline: tuple[Path, dict[str, str]]) -> None:
+    here, outputs = pipeline
+    assert "data OK" in outputs["cladapt data check amazon.jsonl"]
+    store = _store(here / ".cladapt")
+    v = {r.version: r for r in store.list(task="amazon")}
+    assert sorted(v) == [1, 2, 3, 4, 5]
+    assert any(v[1].path.rglob("asd.json")) and not any(v[2].path.rglob("asd.json"))
+    assert "gere_tm_mean" in v[2].manifest.metrics and "gere_kl_mean" in v[3].manifest.metrics
+    assert "score" in v[4].manifest.metrics  # --eval-data scored the new version
+    assert v[5].manifest.metrics["continual"]["wc_acc"]  # --eval-every drew a curve
+    assert "AA" in outputs["cladapt history"]
+    assert (here / ".cladapt" / "policy.json").is_file()
+    assert {n: r.status for n, r in v.items()}[2] == "active" and v[3].status == "rejected"  # promote, rollback
+    assert "rollback from amazon@3" in outputs["cladapt log"]
+    assert (here / "report" / "index.html").is_file()
 
 
 def test_replay_self_generate(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory,
