@@ -603,8 +603,3 @@ def test_qlora(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     (version,) = _store(here / ".cladapt").list()
     assert version.manifest.train_stats["quantization"]["bits"] == 4
     assert "quantization" not in (version.path / "adapter" / "adapter_config.json").read_text()  # a plain LoRA
-
-
-if __name__ == "__main__":  # the README's commands as this test keys them (for new table entries)
-    for c in readme_commands(README.read_text()):
-        print(f"README.md:{c.line}: {c.key!r}")
