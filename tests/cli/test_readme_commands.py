@@ -229,7 +229,8 @@ def test_every_readme_command_is_run_or_listed() -> None:
     assert len(run) == len(set(run)), "a command is run in two scenarios"
     assert not set(run) & set(NOT_RUN), f"run and listed as not run: {sorted(set(run) & set(NOT_RUN))}"
     missing = [f"README.md:{c.line}: {k}" for k, c in found.items() if k not in run and k not in NOT_RUN]
-    assert not missing, "README commands neither run by a scenario nor listed in NOT_RUN:\n" + "\n".join(missing)
+    assert not missing, ("README commands neither run by a scenario nor listed in NOT_RUN (run it in a scenario of "
+                         "tests/cli/test_readme_commands.py, or list it with the reason CI cannot):\n" + "\n".join(missing))
     stale = sorted((set(run) | set(NOT_RUN) | set(ELISIONS) | set(TINY_ARGS)) - set(found))
     assert not stale, f"commands in this test that the README no longer shows: {stale}"
     for key in run:
