@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cladapt-installed
 PYTEST_ARGS ?=
+# the suite runs one worker per core, each torch on one thread (tiny models: threads only contend)
+PYTEST_PAR ?= -n auto
+TEST_ENV := HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
 
 .PHONY: demo test test-fast test-slow lint wheel-check bench-overhead clean
 
@@ -27,13 +30,13 @@ demo: $(STAMP)
 	PY=$(PY) bash scripts/demo.sh
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_PAR) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_PAR) -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	HF_HUB_OFFLINE=1 PYTHONSAFEPATH=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_PAR) -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,6 @@ wires everything the config and the registry ask for (ASD and GeRe replay extens
 set, ``--eval-every`` curves, evaluation and the admission gate) around :func:`train_task`, so no
 caller can train a config without its data pipeline.
 
-
 The order: validate the data (before any model is loaded, so a bad row costs nothing), load the
 base model, encode, build the method and its plugins, fold earlier summed adapters into the
 frozen base, train with :class:`CLTrainer`, finalize (sidecars), stage, commit. Only the commit
