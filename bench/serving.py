@@ -102,8 +102,8 @@ def plain_loop(loaded: tuple[Any, Any, Any], store_root: Path, tasks: list[str],
     import torch
 
     from cladapt.adapters.loading import attach
-    from cladapt.generation import render
     from cladapt.registry.store import Store
+    from cladapt.text.template import render
 
     model, tok, info = loaded
     peft_model, names = attach(model, Store.open(store_root), info, [f"{t}@1" for t in tasks[:2]])
@@ -218,7 +218,8 @@ def run(tmp: Path, args: argparse.Namespace, levels: list[int]) -> dict[str, Any
 
 def serve_cells(reg: Path, base: str, tasks: list[str], levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
     from cladapt.registry.store import Store
-    from cladapt.serve.app import BackgroundServer, create_app
+    from cladapt.serve.app import create_app
+    from cladapt.serve.running import BackgroundServer
     from cladapt.serve.server import Server, load_serve_config
 
     config = load_serve_config(base_model=base, max_batch_size=max(levels), cache_capacity=len(tasks),

@@ -21,7 +21,7 @@ def build_tiny(folder: Path, *, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from cladapt.train.chat import FALLBACK_TEMPLATE
+    from cladapt.text.template import FALLBACK_TEMPLATE
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

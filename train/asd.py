@@ -392,7 +392,7 @@ def grade(style: str, reply: str, row_meta: dict[str, Any]) -> bool:
 
 def base_model_generator(model: Any, tokenizer: Any, *, batch_size: int = 16) -> Generator:
     """Explanations from ``model`` itself, greedy (methods.md §4.1 default), batched by length."""
-    from cladapt.generation import generate
+    from cladapt.text.generation import generate
     from cladapt.vision import processor_of
 
     def run(requests: Sequence[ExplainRequest]) -> list[str | None]:

@@ -1,4 +1,4 @@
-"""Render examples with the base model's chat template; loss on answer tokens only.
+"""Encode training examples through the base model's chat template (:mod:`cladapt.text.template`); loss on answer tokens only.
 
 Each assistant turn's tokens get labels; everything else (system prompt, user turns, the
 template's role headers) gets -100. The rendered text is split at the boundaries the template
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cladapt.errors import DataError, Issue
+from cladapt.text.template import render
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -25,23 +26,6 @@ if TYPE_CHECKING:
     from cladapt.train.data import Example
 
 IGNORE_INDEX = -100
-
-#: used only when a tokenizer has no chat template of its own (ChatML, as SmolLM2 uses)
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_TEMPLATE
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The text a model is given at inference: the conversation plus the assistant header."""
-    ensure_chat_template(tokenizer)
-    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
 def _segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
@@ -51,7 +35,7 @@ def _segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        head = render_prompt(tokenizer, messages[:k])
+        head = render(tokenizer, messages[:k])
         full = str(tokenizer.apply_chat_template(messages[: k + 1], tokenize=False))
         if not head.startswith(done) or not full.startswith(head):
             raise ValueError("the chat template does not render conversations as growing prefixes")

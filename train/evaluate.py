@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from cladapt.errors import ConfigError, DataError, Issue
-from cladapt.generation import generate, render
 from cladapt.precision import autocast
 from cladapt.precision import resolve as resolve_precision
+from cladapt.text.generation import generate
+from cladapt.text.template import render
 from cladapt.train.data import Example, load_examples
 from cladapt.vision import processor_of
 

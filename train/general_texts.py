@@ -9,20 +9,15 @@ the base's own generations anchors the model on text it already models well, ove
 and registers; a real pretraining sample (``--texts``) remains the better choice when one exists.
 The texts are stored with the replay record, so the set is fixed once recorded.
 
-Files accepted by :func:`load_texts`: ``.jsonl`` / ``.json`` rows with a ``text`` field (as in
-``shared/data/general-replay``), or ``.txt`` with one text per non-empty line.
+Files of texts are read by :func:`cladapt.text.texts.load_texts`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from cladapt.errors import DataError, Issue
+from cladapt.text.texts import texts_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -97,61 +92,6 @@ SEED_PROMPTS: tuple[str, ...] = (
 )
 
 
-def load_texts(path: str | Path) -> list[dict[str, str]]:
-    """Read general texts as ``{"text", "id", "source"}`` dicts, in file order.
-
-    Raises:
-        DataError: naming the file and line of every malformed row.
-    """
-    path = Path(path)
-    issues: list[Issue] = []
-    out: list[dict[str, str]] = []
-    if not path.is_file():
-        raise DataError([Issue(str(path), "file not found")])
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".txt":
-        for n, line in enumerate(raw.split("\n"), start=1):
-            if line.strip():
-                out.append({"text": line.strip(), "id": f"{path.name}:{n}", "source": str(path)})
-        return out
-    records: list[tuple[int, Any]] = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for n, line in enumerate(raw.split("\n"), start=1):
-            if line.strip():
-                try:
-                    records.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    issues.append(Issue(f"{path}:{n}", f"not valid JSON: {exc.msg}"))
-    elif path.suffix.lower() == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError([Issue(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}")]) from exc
-        if not isinstance(data, list):
-            raise DataError([Issue(str(path), "a .json file of texts must hold an array of rows")])
-        records = list(enumerate(data, start=1))
-    else:
-        raise DataError([Issue(str(path), f"unsupported file type {path.suffix!r}; use .jsonl, .json or .txt")])
-    for n, rec in records:
-        text = rec.get("text") if isinstance(rec, dict) else rec if isinstance(rec, str) else None
-        if not isinstance(text, str):
-            issues.append(Issue(f"{path}:{n}", "expected a string or an object with a string field 'text'"))
-        elif text.strip():
-            rid = str(rec.get("id", f"{path.name}:{n}")) if isinstance(rec, dict) else f"{path.name}:{n}"
-            out.append({"text": text, "id": rid, "source": str(path)})
-    if issues:
-        raise DataError(issues, hint="each row needs a non-empty string field 'text'")
-    return out
-
-
-def texts_sha256(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def self_generate(
     model: Any,
     tokenizer: Any,
@@ -166,37 +106,13 @@ def self_generate(
     Each batch re-seeds torch with ``seed + batch index``, so the texts depend only on the
     model, ``n``, ``seed``, ``max_new_tokens`` and ``batch_size``.
     """
-    import torch
-
-    from cladapt.generation import render
+    from cladapt.text.generation import generate
 
     prompts = [SEED_PROMPTS[i % len(SEED_PROMPTS)] for i in range(n)]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out: list[dict[str, str]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for b, start in enumerate(range(0, n, batch_size)):
-            chunk = prompts[start : start + batch_size]
-            texts = [render(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            torch.manual_seed(seed + b)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    do_sample=True,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **SAMPLING,
-                )
-            for k, row in enumerate(gen[:, enc["input_ids"].shape[1] :]):
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                out.append({"text": text, "id": f"self-{start + k}", "source": f"self-generated:{chunk[k]}"})
-            logger.info("self-generated %d/%d general texts", len(out), n)
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
+    texts = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, sampling=SAMPLING, seed=seed)
+    out = [{"text": t, "id": f"self-{i}", "source": f"self-generated:{prompts[i]}"} for i, t in enumerate(texts)]
+    logger.info("self-generated %d general texts", n)
     return [t for t in out if t["text"]]
 
 

@@ -198,7 +198,7 @@ def record(
 
     Statistics are population statistics over every non-pad token of every text (methods.md §5).
     """
-    from cladapt.train.general_texts import texts_sha256
+    from cladapt.text.texts import texts_sha256
 
     started = time.time()
     ids, kept, dropped = tokenize_texts(tokenizer, texts, n=n, max_tokens=max_tokens, chunk=chunk)
@@ -307,6 +307,7 @@ def ensure_record(store: Store, model: Any, tokenizer: Any, base: BaseModelInfo,
     if existing is not None:
         _check_settings(existing, settings)
         return existing
+    from cladapt.text.texts import load_texts
     from cladapt.train import general_texts
 
     n = settings.n_replay or DEFAULT_N_REPLAY
@@ -314,7 +315,7 @@ def ensure_record(store: Store, model: Any, tokenizer: Any, base: BaseModelInfo,
     if settings.texts is not None:
         from cladapt.registry.fsio import sha256_file
 
-        texts = general_texts.load_texts(settings.texts)
+        texts = load_texts(settings.texts)
         source = {"kind": "file", "path": str(Path(settings.texts).resolve()), "file_sha256": sha256_file(Path(settings.texts))[0]}
     else:
         logger.info("GeRe: no replay record for %s; self-generating %d general texts (once per base model)", base.id, n)

@@ -210,6 +210,7 @@ def replay_init(
     from cladapt.base_model import DEFAULT_BASE_MODEL, load
     from cladapt.errors import CladaptError, UsageError
     from cladapt.registry.fsio import sha256_file
+    from cladapt.text.texts import load_texts
     from cladapt.train import general_texts
     from cladapt.train.replay import load_record, record, save_record
 
@@ -220,7 +221,7 @@ def replay_init(
     if not force and load_record(store, info) is not None:
         raise CladaptError(f"a replay record for {info.id} already exists", hint="add --force to replace it")
     if texts is not None:
-        rows = general_texts.load_texts(texts)
+        rows = load_texts(texts)
         source = {"kind": "file", "path": str(texts.resolve()), "file_sha256": sha256_file(texts)[0]}
     else:
         assert self_generate is not None

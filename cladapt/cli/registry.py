@@ -273,7 +273,7 @@ def generate_cmd(
     """
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import load
-    from cladapt.generation import generate
+    from cladapt.text.generation import generate
     from cladapt.train.vision_data import image_prompts
 
     if router is not None:

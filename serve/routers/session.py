@@ -112,7 +112,7 @@ class RoutingSession:
 
     def generate_conversations(self, convs: Sequence[list[dict[str, str]]], routes: Sequence[Route], *,
                                max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-        from cladapt.generation import generate
+        from cladapt.text.generation import generate
 
         if len(convs) != len(routes):
             raise CladaptError(f"{len(routes)} routes for {len(convs)} requests")

@@ -88,7 +88,7 @@ def trained(request: pytest.FixtureRequest, tiny_base_path: Path, tmp_path_facto
 
 
 def _logits(model: Any, tok: Any) -> torch.Tensor:
-    from cladapt.generation import render
+    from cladapt.text.template import render
 
     enc = tok([render(tok, p) for p in PROMPTS], return_tensors="pt", add_special_tokens=False)
     model.eval()
@@ -99,7 +99,7 @@ def _logits(model: Any, tok: Any) -> torch.Tensor:
 def test_two_tasks_train_commit_reload_generate(trained: Trained, tmp_path: Path) -> None:
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import load
-    from cladapt.generation import generate
+    from cladapt.text.generation import generate
 
     cls = METHODS.get(trained.method)
     first, second = trained.records

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_model_loads_and_answers() -> None:
     from cladapt.base_model import load
-    from cladapt.generation import generate
+    from cladapt.text.generation import generate
 
     model, tok, info = load()
     assert model.config.hidden_size == 576 and len(info.fingerprint) == 32

@@ -9,8 +9,8 @@ import pytest
 from conftest import write_jsonl
 
 from cladapt.errors import DataError
+from cladapt.text.texts import load_texts
 from cladapt.train.data import conflicts, describe, load_examples
-from cladapt.train.general_texts import load_texts
 
 
 def test_bad_rows_name_file_and_line(tmp_path: Path) -> None:

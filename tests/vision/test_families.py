@@ -28,7 +28,7 @@ def _cfg(base: Path, method: str = "lora", **extra: Any) -> Any:
 
 
 def image_logits(model: Any, tok: Any, conv: list[dict[str, Any]]) -> torch.Tensor:
-    from cladapt.generation import render
+    from cladapt.text.template import render
     from cladapt.vision import conversation_images, prompt_batch
 
     batch = prompt_batch(tok, [render(tok, conv)], [conversation_images(conv)])
