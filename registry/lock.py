@@ -1,36 +1,35 @@
-"""The registry's inter-process lock: ``fcntl.flock`` on ``<root>/.work/lock``.
+"""The registry's inter-process lock on ``<root>/.work/lock``, through the ``filelock`` package.
 
 Only short metadata updates hold it (allocating a version number, renaming a staged directory into
 place, rewriting ``status.json`` and the index, appending to the audit log); training never does.
-``flock`` is released by the kernel when its holder dies, so a SIGKILLed process cannot leave the
-registry locked.
+``filelock`` takes an OS lock (``flock`` on POSIX, ``LockFileEx`` on Windows), which the kernel
+releases when its holder dies, so a SIGKILLed process cannot leave the registry locked.
 
-The lock is re-entrant within a thread (a depth counter), so a locked method may call another.
-Different threads of one process still exclude each other: each opens its own file description,
-and flock locks belong to the open file description.
+Options chosen on purpose, because the package's defaults would weaken a promise:
 
-The lock file is opened with ``O_NOFOLLOW`` and its folder is checked for links below the
-registry root: a ``.work/lock`` planted as a link to some other file must not get that file
-truncated (the holder's pid is written into the lock file).
+- ``fallback_to_soft=False``: on a filesystem without ``flock`` filelock would otherwise fall back to
+  a marker file that survives a SIGKILL; the registry refuses such a folder instead of trusting it.
+- ``thread_local=True`` with one :class:`StoreLock` per path and process (:meth:`StoreLock.for_path`):
+  re-entrant within a thread, across Store instances of one registry, while different threads still
+  exclude each other (each thread opens its own file description).
+- The lock's folder is checked for links below the registry root before each acquire, and filelock
+  opens the lock file with ``O_NOFOLLOW``: a ``.work/lock`` planted as a link to some other file
+  must not get that file truncated (the holder's pid is written into the lock file).
 
-Why not the ``filelock`` package (installed, through torch, datasets and huggingface_hub): the registry's promises
-would then rest on options whose defaults and existence vary across its releases (the soft-lock
-fallback, on by default in 4.x, leaves a lock that survives a SIGKILL and must be switched off;
-cross-instance re-entrancy needs ``is_singleton``; ``O_NOFOLLOW`` on the lock file is recent),
-it does not check the lock's folder for links, and it is not a declared dependency. The few lines
-of ``flock`` below are the whole mechanism, tested by tests/registry (kills, threads, re-entrancy, links).
+:class:`Claim` marks a scratch folder as in use by a live process (a non-blocking try of the same
+kind of lock, held for as long as the process works there).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
+
+from filelock import FileLock, Timeout
 
 from cladapt.errors import RegistryError
 from cladapt.registry.fsio import O_NOFOLLOW, refuse_symlinks
@@ -39,9 +38,24 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for the lock before giving up; override with CLADAPT_LOCK_TIMEOUT.
 DEFAULT_TIMEOUT_S = 300.0
+#: Seconds between two attempts while another process holds the lock.
+POLL_S = 0.01
 
 _LOCKS: dict[str, StoreLock] = {}
 _REGISTRY_GUARD = threading.Lock()
+
+
+def _write_holder(fd: int) -> None:
+    """Record the holder in the lock file (informational: the timeout message names it)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+
+
+def _file_lock(path: Path, *, thread_local: bool, on_acquired: bool) -> FileLock:
+    return FileLock(
+        path, thread_local=thread_local, fallback_to_soft=False, mode=0o644, poll_interval=POLL_S,
+        on_acquired=_write_holder if on_acquired else None,
+    )
 
 
 class StoreLock:
@@ -52,6 +66,7 @@ class StoreLock:
         self.root = Path(root) if root is not None else self.path.parent
         self._timeout_s = timeout_s
         self._local = threading.local()
+        self._file_lock = _file_lock(self.path, thread_local=True, on_acquired=True)
 
     @property
     def timeout_s(self) -> float:
@@ -78,7 +93,7 @@ class StoreLock:
 
         Sharing it between Store instances of the same registry keeps re-entrancy working across
         them: a thread holding the lock through one instance would otherwise deadlock on its own
-        flock when a second instance asks for it. ``root`` is the folder below which no path
+        lock when a second instance asks for it. ``root`` is the folder below which no path
         component of the lock may be a symbolic link (default: the lock's own folder).
         """
         key = os.path.join(os.path.realpath(Path(path).parent), Path(path).name)
@@ -94,77 +109,66 @@ class StoreLock:
         return getattr(self._local, "depth", 0) > 0
 
     def acquire(self) -> None:
-        """Take the lock, polling with back-off until ``timeout_s``; re-entrant per thread."""
+        """Take the lock, waiting up to ``timeout_s``; re-entrant per thread."""
         depth = getattr(self._local, "depth", 0)
         if depth:
             self._local.depth = depth + 1
             return
         timeout_s = self.timeout_s
-        fd = self._open()
-        deadline = time.monotonic() + timeout_s
-        delay = 0.002
+        self._prepare()
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RegistryError(
-                            f"the registry is locked by another process ({self._holder(fd)}) for over {timeout_s:.0f} s",
-                            hint=f"wait for it to finish, or raise CLADAPT_LOCK_TIMEOUT; lock file: {self.path}",
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-            # Record the holder for the message above; informational only.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._local.fd = fd
+            self._file_lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise RegistryError(
+                f"the registry is locked by another process ({self._holder()}) for over {timeout_s:.0f} s",
+                hint=f"wait for it to finish, or raise CLADAPT_LOCK_TIMEOUT; lock file: {self.path}",
+            ) from None
+        except OSError as exc:
+            raise self._open_error(exc) from exc
         self._local.depth = 1
 
     def release(self) -> None:
-        """Release one level; the flock is dropped when the outermost level exits."""
+        """Release one level; the OS lock is dropped when the outermost level exits."""
         depth = getattr(self._local, "depth", 0)
         if depth <= 0:
             raise RuntimeError("StoreLock.release() without acquire()")
         self._local.depth = depth - 1
         if depth == 1:
-            fd = self._local.fd
-            self._local.fd = None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+            self._file_lock.release()
 
-    def _open(self) -> int:
-        """Open (creating) the lock file without following links; clear errors for a read-only registry."""
+    def _prepare(self) -> None:
+        """Refuse links below the registry root; create the lock's folder (clear error when read-only)."""
         refuse_symlinks(self.root, self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o644)
         except OSError as exc:
-            if os.path.islink(self.path):
-                raise RegistryError(
-                    f"refusing to open the lock {self.path}: it is a symbolic link (to {os.readlink(self.path)!r})",
-                    hint="remove the link; the registry never writes through links",
-                ) from exc
-            read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-            raise RegistryError(
-                f"cannot take the registry lock {self.path}: {exc.strerror or exc}",
-                hint="the registry is read-only here (a read-only mount or missing permissions): listing and "
-                "serving work, changes need write access to the registry folder"
-                if read_only else "the lock must be a regular file; remove whatever is at that path",
-            ) from exc
+            raise self._open_error(exc) from exc
 
-    @staticmethod
-    def _holder(fd: int) -> str:
+    def _open_error(self, exc: OSError) -> RegistryError:
+        if os.path.islink(self.path):
+            return RegistryError(
+                f"refusing to open the lock {self.path}: it is a symbolic link (to {os.readlink(self.path)!r})",
+                hint="remove the link; the registry never writes through links",
+            )
+        read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        return RegistryError(
+            f"cannot take the registry lock {self.path}: {exc.strerror or exc}",
+            hint="the registry is read-only here (a read-only mount or missing permissions): listing and "
+            "serving work, changes need write access to the registry folder"
+            if read_only else "the lock must be a regular file; remove whatever is at that path",
+        )
+
+    def _holder(self) -> str:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | O_NOFOLLOW)
+        except OSError:
+            return "unknown holder"
         try:
             return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown holder"
         except OSError:
             return "unknown holder"
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> StoreLock:
         self.acquire()
@@ -178,42 +182,38 @@ class StoreLock:
 
 class Claim:
     """A process's hold on one scratch folder of ``.work`` (a staging area, a run's checkpoints):
-    an exclusive ``flock`` on ``<folder>.lock``, kept for as long as the process works there.
+    an exclusive lock on ``<folder>.lock``, kept for as long as the process works there.
 
-    The kernel drops it when the process dies, so ``registry gc`` can tell a live process's folder
+    The OS drops it when the process dies, so ``registry gc`` can tell a live process's folder
     (claimed) from a killed one's leftovers (unclaimed) without guessing from timestamps.
     """
 
-    def __init__(self, lock_path: Path, fd: int) -> None:
+    def __init__(self, lock_path: Path, lock: FileLock) -> None:
         self.lock_path = Path(lock_path)
-        self._fd: int | None = fd
+        self._lock: FileLock | None = lock
 
     @classmethod
     def take(cls, lock_path: Path) -> Claim | None:
         """Claim ``lock_path`` (created), or None if a live process holds it."""
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o644)
+        lock = _file_lock(Path(lock_path), thread_local=False, on_acquired=False)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            lock.acquire(blocking=False)
+        except Timeout:
             return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(lock_path, fd)
+        return cls(lock_path, lock)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock is not None
 
     def release(self, *, remove: bool = False) -> None:
         """Drop the claim; ``remove`` also deletes the lock file (the folder is gone). Idempotent."""
-        if self._fd is None:
+        if self._lock is None:
             return
         if remove:
             self.lock_path.unlink(missing_ok=True)
-        fd, self._fd = self._fd, None
-        os.close(fd)
+        lock, self._lock = self._lock, None
+        lock.release()
 
     def __repr__(self) -> str:
         return f"Claim({str(self.lock_path)!r}, held={self.held})"
