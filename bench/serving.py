@@ -51,11 +51,46 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def add_version(store: Any, loaded: tuple[Any, Any, Any], task: str, *, seed: int, r: int,
+                prompts: list[str] | None = None) -> Any:
+    """Commit one active version of ``task`` with a random LoRA (r, alpha 2r, q_proj/v_proj), the way
+    training commits it: PEFT files, manifest, and a routing signature of ``prompts`` when given.
+
+    ``lora_B`` is random too (not zero), so every adapter changes the model's output as a trained one does.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cladapt.features import SIGNATURE_STEM, build_signature
+
+    model, tok, info = loaded
+    with store.stage(task) as staging:
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                         base_model_name_or_path=str(info.path))
+        peft_model = get_peft_model(model, cfg)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.6)
+        peft_model.save_pretrained(staging.adapter_dir, safe_serialization=True)
+        peft_model.unload()  # the base model as it was, for the next adapter
+        if prompts:
+            sig = build_signature(model, tok, prompts, ["x"] * len(prompts), adapter=None, encoder=None,
+                                  base_fingerprint=info.fingerprint)
+            staging.write_tensors(f"{SIGNATURE_STEM}.safetensors", sig.tensors())
+            staging.write_json(f"{SIGNATURE_STEM}.json", sig.to_json())
+        staging.manifest_fields = {
+            "method": "lora", "method_config": {}, "composition": "route", "base_model": info.as_dict(),
+            "lora": {"r": r, "alpha": 2.0 * r, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"files": [f"{task}.jsonl"], "sha256": "ab" * 32, "rows": len(prompts or ())},
+            "config": {"seed": seed}, "seed": seed, "parents": [], "train_stats": {"steps": 0}, "metrics": {},
+        }
+        return store.commit(staging, status="active")
+
+
 def build_registry(root: Path, loaded: tuple[Any, Any, Any], n: int) -> list[str]:
     """``n`` route-composed tasks with random LoRAs and routing signatures; returns their names."""
-    sys.path.insert(0, str(ROOT / "tests" / "serve"))
-    from serve_helpers import add_version
-
     from cladapt.registry.store import Store
 
     store = Store.init(root)
@@ -247,9 +282,6 @@ def serve_cells(reg: Path, base: str, tasks: list[str], levels: list[int], args:
 
 def overheads(reg: Path, base: str, tasks: list[str], loaded: tuple[Any, Any, Any]) -> dict[str, Any]:
     """Routing per request, a cold load from the registry, promote -> first answer of the new version."""
-    sys.path.insert(0, str(ROOT / "tests" / "serve"))
-    from serve_helpers import add_version
-
     from cladapt.registry.store import Store
     from cladapt.serve.routers import QueryBatch
     from cladapt.serve.server import Server, load_serve_config

@@ -159,14 +159,20 @@ class AdapterCache:
 # ---------------------------------------------------------------------------------- catalog
 
 
+#: why ``model: "sum"`` has nothing to serve (said in the 404's message)
+SUM_MISSING = ("'sum' composes the active sum-composed versions (methods olora, inc-lora, ...) and this registry has "
+               "none on the served base model: train one or name an adapter")
+
+
 class ModelNotFound(CladaptError):
     """A request names a model this server does not have (answered with vLLM's 404 body)."""
 
     http_status = 404
 
-    def __init__(self, name: str, *, hint: str | None = None) -> None:
+    def __init__(self, name: str, *, hint: str | None = None, why: str | None = None) -> None:
         super().__init__(f"The model `{name}` does not exist.", hint=hint)
         self.name = name
+        self.why = why  # said after vLLM's sentence when the name is known but has nothing to serve
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,8 @@ class Catalog:
 
         recs = summed_versions(self.store, self.base)
         if not recs:
-            raise ModelNotFound("sum", hint="no active sum-composed versions on this base model")
+            raise ModelNotFound("sum", hint="no active sum-composed versions on this base model",
+                                why=SUM_MISSING)
         return self.sum_target([f"{r.task}@{r.version}" for r in recs])
 
     def sum_target(self, refs: Sequence[str]) -> Target:

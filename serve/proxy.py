@@ -9,6 +9,13 @@ adding an upstream moves only its share); makes sure the adapter is loaded there
 name (``amazon@3``: a promote loads a new name instead of serving stale weights); and streams the
 answer through unchanged, adding ``X-Cladapt-Adapter``.
 
+``model: "sum"`` is the composed sum of the registry's active sum-composed versions (O-LoRA,
+InC-LoRA, ...), as ``cladapt serve`` answers it. vLLM applies one LoRA per request and cannot
+compose adapters itself, so the proxy writes the sum as one rank-concatenated adapter (the
+``export --merged`` folder: exact, rank = the sum of the parts' ranks) and loads it upstream under
+a name that changes with the set of versions (``sum-<hash>``). The upstream's ``--max-lora-rank``
+must hold that rank; a sum over vLLM's largest rank is refused with a 400 naming it.
+
 An upstream that answers 404 for an adapter it had loaded (it restarted) gets it loaded again and
 the request is retried once. Upstream failures become 502 with an OpenAI error body.
 """
@@ -19,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +84,7 @@ class Proxy:
         self.base_model: str | None = config.base_model_id
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._resolved: dict[str, tuple[float, str]] = {}
+        self._sums: dict[str, tuple[str, ...]] = {}  # sum-<hash> -> the versions it composes
         self.router: Any = None
         self.features: Any = None
         headers = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
@@ -110,6 +119,21 @@ class Proxy:
         self._resolved[name] = (time.monotonic() + self.config.resolve_ttl_s, ref)
         return ref
 
+    def resolve_sum(self) -> str:
+        """``sum`` -> ``sum-<hash>``: the active sum-composed versions on the newest one's base model."""
+        from cladapt.serve.cache import SUM_MISSING, ModelNotFound
+
+        recs = [r for r in self.store.list() if r.status == "active" and r.composition == "sum"]
+        if not recs:
+            raise ModelNotFound("sum", why=SUM_MISSING)
+        newest = max(recs, key=lambda r: r.created)
+        recs = sorted((r for r in recs if r.base_fingerprint == newest.base_fingerprint),
+                      key=lambda r: (r.created, r.task, r.version))
+        refs = tuple(f"{r.task}@{r.version}" for r in recs)
+        key = "sum-" + hashlib.sha256("|".join(refs).encode()).hexdigest()[:12]
+        self._sums[key] = refs
+        return key
+
     def route(self, text: str) -> tuple[str, dict[str, Any]]:
         """Route one request's text; returns (explicit ref, the route as JSON)."""
         from cladapt.serve.routers import QueryBatch
@@ -131,9 +155,29 @@ class Proxy:
         folder = (self.adapter_dir / ref.replace("@", "-v")).absolute()
         if not (folder / "adapter_config.json").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
-            write_adapter(self.store, self.store.get(ref), tmp, base)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if ref in self._sums:
+                self._write_sum(ref, tmp, base)
+            else:
+                write_adapter(self.store, self.store.get(ref), tmp, base)
             tmp.rename(folder)
         return folder
+
+    def _write_sum(self, key: str, folder: Path, base: str) -> None:
+        """The rank-concatenated sum as one adapter folder (refused when vLLM cannot hold its rank)."""
+        from cladapt.adapters.loading import write_merged
+        from cladapt.serve.export import vllm_rank
+
+        refs = self._sums[key]
+        ranks = write_merged(self.store, [self.store.get(r) for r in refs], folder, base)
+        total = max(ranks.values(), default=0)
+        try:
+            vllm_rank(total)
+        except CladaptError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CladaptError(f"model 'sum': the sum of {', '.join(refs)} has rank {total}, over vLLM's largest "
+                               "--max-lora-rank", hint="serve it with `cladapt serve` (which applies the sum "
+                               "itself) or retire versions from the sum") from exc
 
     async def ensure_loaded(self, upstream: str, ref: str, *, force: bool = False) -> None:
         lock = self._locks.setdefault((upstream, ref), asyncio.Lock())
@@ -196,6 +240,9 @@ async def _plan(proxy: Proxy, body: dict[str, Any]) -> tuple[str | None, dict[st
         return None, None
     if model == "auto":
         return await asyncio.to_thread(proxy.route, _prompt_text(body))
+    if model == "sum":
+        key = await asyncio.to_thread(proxy.resolve_sum)
+        return key, {"combine": "sum", "refs": list(proxy._sums[key])}
     return proxy.resolve(model), None
 
 
@@ -231,7 +278,7 @@ def create_proxy_app(proxy: Proxy) -> FastAPI:
             ref, route = await _plan(proxy, body)
             resp = await _send(proxy, path, body, ref)
         except ModelNotFound as exc:
-            return JSONResponse(model_not_found_body(exc.name), status_code=404)
+            return JSONResponse(model_not_found_body(exc.name, exc.why), status_code=404)
         except json.JSONDecodeError as exc:
             return JSONResponse(error_body(f"malformed JSON body: {exc}", code=400), status_code=400)
         except httpx.HTTPError as exc:
@@ -240,7 +287,7 @@ def create_proxy_app(proxy: Proxy) -> FastAPI:
             return JSONResponse(error_body(exc.message, type_="invalid_request_error" if exc.http_status < 500
                                            else "server_error", code=exc.http_status), exc.http_status)
         label = ref or "base"
-        proxy.metrics.routed.labels(label, "auto" if route else "explicit").inc()
+        proxy.metrics.routed.labels(label, "auto" if body["model"] == "auto" else "explicit").inc()
         headers = {ADAPTER_HEADER: label}
         ctype = resp.headers.get("content-type", "application/json")
         if ctype.startswith("text/event-stream"):
@@ -279,6 +326,10 @@ def create_proxy_app(proxy: Proxy) -> FastAPI:
             if rec.status == "active":
                 data.append({"id": rec.task, "object": "model", "owned_by": "cladapt", "parent": base,
                              "root": f"{rec.task}@{rec.version}"})
+        summed = [f"{r.task}@{r.version}" for r in proxy.store.list() if r.status == "active" and r.composition == "sum"]
+        if summed:
+            data.append({"id": "sum", "object": "model", "owned_by": "cladapt", "parent": base, "root": "sum",
+                         "cladapt": {"kind": "sum", "refs": summed}})
         if proxy.router is not None:
             data.append({"id": "auto", "object": "model", "owned_by": "cladapt", "parent": base, "root": "auto"})
         return {"object": "list", "data": data}

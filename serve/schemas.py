@@ -161,11 +161,14 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def model_not_found_body(name: str) -> dict[str, Any]:
-    """vLLM's 404 for an unknown ``model`` (flat, ``object: error``), which its clients match on."""
+def model_not_found_body(name: str, why: str | None = None) -> dict[str, Any]:
+    """vLLM's 404 for an unknown ``model`` (flat, ``object: error``), which its clients match on.
+
+    ``why`` follows vLLM's sentence when the name is one cladapt knows but cannot serve now.
+    """
     return {
         "object": "error",
-        "message": f"The model `{name}` does not exist.",
+        "message": f"The model `{name}` does not exist." + (f" {why}" if why else ""),
         "type": "NotFoundError",
         "param": "model",
         "code": 404,

@@ -64,7 +64,8 @@ def serve_cmd(registry: Path | None, configs: tuple[Path, ...], base_model: str 
     model: auto (routed) | task | task@N | sum | the base model's name
     """
     _require_extra()
-    from cladapt.serve.app import create_app, run
+    from cladapt.serve.app import create_app
+    from cladapt.serve.running import run
     from cladapt.serve.server import Server, load_serve_config
 
     config = load_serve_config(
@@ -105,8 +106,8 @@ def proxy_cmd(registry: Path | None, upstreams: tuple[str, ...], router: str | N
     cladapt proxy --registry ./reg --router dtkr --upstream http://gpu-host:8000 --port 9000
     """
     _require_extra()
-    from cladapt.serve.app import run
     from cladapt.serve.proxy import ProxyConfig, build_proxy, create_proxy_app
+    from cladapt.serve.running import run
 
     config = ProxyConfig(upstreams=list(upstreams), router=router, router_config=_settings(router_set),
                          base_model_id=base_model_id, adapter_dir=adapter_dir, upstream_api_key=upstream_api_key)

@@ -34,7 +34,8 @@ def served_registry(tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Pa
 @pytest.fixture(scope="module")
 def live(served_registry: Path, tiny_base_path: Path) -> Iterator[Any]:
     """One HTTP server for a module's tests: dtkr router on the base space, admin token ``s3cret``."""
-    from cladapt.serve.app import BackgroundServer, create_app
+    from cladapt.serve.app import create_app
+    from cladapt.serve.running import BackgroundServer
 
     server = start_server(served_registry, tiny_base_path, router="dtkr", admin_token="s3cret",
                           router_config={"space": "base", "groups": 1, "keys": 5, "retrieve": 1}, cache_capacity=4,

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from serve_helpers import add_version, start_server
 
-from cladapt.serve.app import BackgroundServer, create_app
+from cladapt.serve.app import create_app
 from cladapt.serve.engine import BASE, Row, Sampling
+from cladapt.serve.running import BackgroundServer
 
 PROMPTS = ["the film was great", "the company does business", "a boring story", "science and technology",
            "what is the topic", "yes no question"]

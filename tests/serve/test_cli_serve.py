@@ -94,7 +94,7 @@ def test_export_vllm_writes_folders_modules_and_command(served_registry, tmp_pat
 def test_cladapt_proxy_process_in_front_of_fake_vllm(served_registry, tmp_path) -> None:
     from fake_vllm import FakeVllm
 
-    from cladapt.serve.app import BackgroundServer
+    from cladapt.serve.running import BackgroundServer
 
     fake = FakeVllm()
     with BackgroundServer(fake.app()) as upstream:

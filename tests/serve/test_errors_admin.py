@@ -96,7 +96,8 @@ def test_admin_load_pin_unload_and_runtime_folder(live, served_registry) -> None
 def test_admin_disabled_without_token(served_registry, tiny_base_path) -> None:
     from serve_helpers import start_server
 
-    from cladapt.serve.app import BackgroundServer, create_app
+    from cladapt.serve.app import create_app
+    from cladapt.serve.running import BackgroundServer
 
     server = start_server(served_registry, tiny_base_path)
     try:

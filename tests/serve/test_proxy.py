@@ -11,8 +11,8 @@ import pytest
 from fake_vllm import SERVED, FakeVllm
 
 from cladapt.registry.store import Store
-from cladapt.serve.app import BackgroundServer
 from cladapt.serve.proxy import ProxyConfig, build_proxy, create_proxy_app, rendezvous
+from cladapt.serve.running import BackgroundServer
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,36 @@ def test_proxy_in_front_of_cladapt_serve(live, served_registry) -> None:
     assert via.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"] == streamed
     auth = {"Authorization": "Bearer s3cret"}
     assert httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "qa@1"}, headers=auth).status_code == 200
+
+
+def test_sum_loads_one_rank_concatenated_adapter_upstream(fleet) -> None:
+    front, proxy, _ = fleet
+    r = httpx.post(front.url + "/v1/completions", json={"model": "sum", "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    key = r.headers["x-cladapt-adapter"]
+    assert key.startswith("sum-") and r.json()["cladapt"]["route"] == {"combine": "sum", "refs": ["news@1", "qa@1"]}
+    assert r.json()["choices"][0]["text"] == f"answered by {key}"
+    fake = _upstream_of(fleet, key)
+    path = next(c[1]["lora_path"] for c in fake.calls if c[0] == "load" and c[1]["lora_name"] == key)
+    cfg = json.loads(open(path + "/adapter_config.json").read())
+    assert cfg["base_model_name_or_path"] == SERVED and cfg["r"] == 8  # news r=4 + qa r=4, concatenated
+    from safetensors.torch import load_file
+
+    a = [t for n, t in load_file(path + "/adapter_model.safetensors").items() if "lora_A" in n]
+    assert a and all(t.shape[0] == 8 for t in a)
+    assert "sum" in {m["id"] for m in httpx.get(front.url + "/v1/models").json()["data"]}
+
+
+def test_sum_without_sum_versions_is_404_naming_why(tmp_path, served_registry) -> None:
+    import shutil
+
+    reg = tmp_path / "reg"
+    shutil.copytree(served_registry, reg)
+    store = Store.open(reg)
+    for task in ("news", "qa"):
+        store.set_status(f"{task}@1", "archived", "test")
+    with BackgroundServer(FakeVllm().app()) as up:
+        proxy = build_proxy(ProxyConfig(upstreams=[up.url]), store)
+        with BackgroundServer(create_proxy_app(proxy)) as front:
+            r = httpx.post(front.url + "/v1/completions", json={"model": "sum", "prompt": "x"})
+    assert r.status_code == 404 and "sum-composed" in r.json()["message"]
