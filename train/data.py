@@ -1,7 +1,8 @@
 """Load and validate task data. Every bad row is reported at once, with file, line and field.
 
-Accepted files: JSON Lines (``.jsonl``), JSON (an array of rows, or ``{"data": [...]}``), CSV,
-Parquet, or a folder written by ``datasets.Dataset.save_to_disk``. Accepted rows:
+Accepted sources (``cladapt.train.data_sources``): JSON Lines, JSON (an array of rows, or
+``{"data": [...]}``), CSV/TSV, Parquet, a dataset folder (``Dataset.save_to_disk`` or data files), or
+a dataset name for ``datasets.load_dataset`` (``imdb``, ``imdb:test``). Accepted rows:
 
 * instruction rows ``{"instruction": str, "input": str, "output": str}`` (``instruction`` or
   ``input`` may be absent or empty, not both; ``output`` must be non-empty);
@@ -14,10 +15,6 @@ Image rows (vision-language bases) add images by local path: content parts
 
 Optional metadata fields (``task``, ``id``, ``source``, ``label``, ``meta``) are kept; any other
 field is an error, because a misspelt ``ouput`` would otherwise train on nothing.
-
-JSON and JSON Lines are parsed here rather than by ``datasets``' Arrow reader because only a
-line-by-line parse can name the line of a malformed record; CSV, Parquet and saved datasets go
-through ``datasets``.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from typing import Any
 
 from cladapt.errors import DataError, Issue
 from cladapt.train import vision_data
+from cladapt.train.data_sources import JSON_SUFFIXES, parse_source, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -86,79 +84,6 @@ def join_prompt(instruction: str, inp: str) -> str:
         return instruction
     sep = "" if instruction.endswith(("\n", " ")) else "\n"
     return instruction + sep + inp
-
-
-#: files whose rows are JSON objects (a null there is explicit, not an empty table cell)
-JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
-
-
-def _read_records(path: Path, issues: list[Issue]) -> Iterable[tuple[int, Any]]:
-    """Yield (line number or row number, raw record)."""
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            issues.append(Issue(str(path), f"not a saved Hugging Face dataset: {exc}"))
-            return
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                issues.append(Issue(str(path), f"a DatasetDict without a 'train' split (has {list(ds)})"))
-                return
-            ds = ds["train"]
-        yield from ((i + 1, row) for i, row in enumerate(ds))
-        return
-    if suffix in (".jsonl", ".ndjson"):
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad_line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            issues.append(Issue(f"{path}:{bad_line}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-            return
-        for n, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                issues.append(Issue(f"{path}:{n}", f"not valid JSON: {exc.msg} (column {exc.colno})"))
-        return
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            issues.append(Issue(str(path), f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-            return
-        except json.JSONDecodeError as exc:
-            issues.append(Issue(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}"))
-            return
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            issues.append(Issue(str(path), "a .json file must hold an array of rows (or {\"data\": [...]})"))
-            return
-        yield from ((i + 1, row) for i, row in enumerate(data))
-        return
-    if suffix in (".csv", ".tsv", ".parquet"):
-        import datasets
-
-        kind = "parquet" if suffix == ".parquet" else "csv"
-        kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-        except Exception as exc:  # datasets raises many types for unreadable files; re-raised as a DataError
-            issues.append(Issue(str(path), f"cannot read as {kind}: {exc}"))
-            return
-        offset = 2 if kind == "csv" else 1  # CSV: line 1 is the header
-        for i, row in enumerate(ds):
-            # CSV readers give None for empty cells; treat it as an empty string
-            yield i + offset, {k: ("" if v is None and kind == "csv" else v) for k, v in row.items()}
-        return
-    issues.append(
-        Issue(str(path), f"unsupported file type {suffix or '(none)'}; use .jsonl, .json, .csv, .tsv, .parquet")
-    )
 
 
 def _check_str(rec: dict[str, Any], key: str, where: str, issues: list[Issue], *, required: bool,
@@ -259,9 +184,16 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue], *, null_ok:
 @dataclass
 class LoadedData:
     examples: list[Example]
-    files: list[str]
-    sha256: str
+    files: list[str]  # every source as given (a path, or a dataset as NAME[SPLIT])
+    sha256: str  # of the validated rows (fingerprint_examples): the data's identity, whatever its source
     duplicates: list[tuple[str, str]]  # (where, where of the first occurrence)
+    #: what the manifest records per source: {"file": absolute path} or {"dataset", "split", "rows", "fingerprint"}
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def manifest_data(self) -> dict[str, Any]:
+        """The manifest's ``data`` section: sources, the rows' sha256 and their count."""
+        files = [s.get("file") or f"{s['dataset']}[{s['split']}]" for s in self.sources] or self.files
+        return {"files": files, "sources": self.sources, "sha256": self.sha256, "rows": len(self.examples)}
 
 
 def fingerprint_examples(examples: list[Example]) -> str:
@@ -272,8 +204,10 @@ def fingerprint_examples(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def load_examples(paths: Iterable[str | Path]) -> LoadedData:
-    """Read and validate every row of every file.
+def load_examples(paths: Iterable[str | Path], *, split: str | None = None) -> LoadedData:
+    """Read and validate every row of every source (a file, a dataset folder or a dataset name).
+
+    ``split``: the split of dataset folders and names given without ``:SPLIT`` (default train).
 
     Raises:
         DataError: with one issue per bad row (file:line: field: problem), nothing loaded.
@@ -281,21 +215,21 @@ def load_examples(paths: Iterable[str | Path]) -> LoadedData:
     issues: list[Issue] = []
     examples: list[Example] = []
     files: list[str] = []
+    sources: list[dict[str, Any]] = []
     for p in paths:
-        path = Path(p)
-        files.append(str(path))
-        if not path.exists():
-            issues.append(Issue(str(path), "file not found"))
-            continue
+        source = parse_source(p, split=split)
+        files.append(source.label)
+        rows, entry = read_source(source, issues)
+        sources.append(entry)
         count = 0
-        json_rows = path.suffix.lower() in JSON_SUFFIXES
-        for line, rec in _read_records(path, issues):
+        json_rows = source.kind == "file" and Path(source.text).suffix.lower() in JSON_SUFFIXES
+        for line, rec in rows:
             count += 1
-            ex = _to_example(rec, str(path), line, issues, null_ok=not json_rows)
+            ex = _to_example(rec, source.label, line, issues, null_ok=not json_rows)
             if ex is not None:
                 examples.append(ex)
-        if count == 0 and not any(i.where.startswith(str(path)) for i in issues):
-            issues.append(Issue(str(path), "the file holds no rows"))
+        if count == 0 and not any(i.where.startswith(source.label) for i in issues):
+            issues.append(Issue(source.label, "the file holds no rows" if source.kind == "file" else "the split holds no rows"))
     if issues:
         raise DataError(issues, hint="fix the rows listed above; `cladapt data check FILE` re-checks without training")
     seen: dict[str, str] = {}
@@ -308,7 +242,7 @@ def load_examples(paths: Iterable[str | Path]) -> LoadedData:
             seen[key] = ex.where
     if dups:
         logger.warning("%d duplicate rows (first: %s repeats %s)", len(dups), dups[0][0], dups[0][1])
-    return LoadedData(examples, files, fingerprint_examples(examples), dups)
+    return LoadedData(examples, files, fingerprint_examples(examples), dups, sources)
 
 
 def label_counts(examples: list[Example]) -> Counter[str]:

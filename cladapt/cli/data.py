@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from cladapt.cli.common import console, echo_json, open_store, registry_option
+from cladapt.cli.common import console, data_split_option, echo_json, open_store, registry_option
 
 _BASE_HELP = "Hugging Face id or folder [default: smollm2-135m-instruct]"
 
@@ -35,20 +35,24 @@ def data_group() -> None:
 @click.option("--no-tokens", is_flag=True, help="skip token-length statistics (no tokenizer is loaded)")
 @click.option("--max-length", type=int, default=512, show_default=True, help="report rows longer than this")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def data_check(files: tuple[Path, ...], base_model: str | None, no_tokens: bool, max_length: int, as_json: bool) -> None:
+@data_split_option
+def data_check(files: tuple[Path, ...], base_model: str | None, no_tokens: bool, max_length: int, as_json: bool,
+               data_split: str | None) -> None:
     """Validate FILES and print statistics: rows, token lengths, labels, duplicates.
 
-    Every bad row is reported with file and line; the exit status is 1 if any file is bad.
+    FILES are data files, dataset folders or dataset names (see `cladapt train --help`). Every bad
+    row is reported with file and line (or dataset, split and row); the exit status is 1 if any is bad.
 
     \b
     cladapt data check train.jsonl dev.jsonl
     cladapt data check data.csv --max-length 256 --json
+    cladapt data check ./my-dataset --data-split test
     """
     from cladapt.errors import DataError
     from cladapt.train.data import describe, load_examples
 
     try:
-        loaded = load_examples(files)
+        loaded = load_examples(files, split=data_split)
     except DataError as exc:
         if as_json:
             echo_json({"ok": False, "issues": [str(i) for i in exc.issues]})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cladapt.cli.common import config_options, console, open_store, registry_option
+from cladapt.cli.common import DATA_HELP, config_options, console, data_split_option, open_store, registry_option
 
 
 def _flag_overrides(**flags: object) -> list[str]:
@@ -46,8 +46,9 @@ def _flag_overrides(**flags: object) -> list[str]:
 @click.option("--task", required=True, help="task name (letters, digits, '-', '_'); each run adds a version")
 @click.option(
     "--data", "data", required=True, multiple=True, type=click.Path(path_type=Path),
-    help="training data: .jsonl/.json/.csv/.tsv/.parquet or a saved dataset folder (repeatable)",
+    help=f"training data: {DATA_HELP} (repeatable)",
 )
+@data_split_option
 @click.option("--method", default=None, help="continual-learning method (see `cladapt methods`) [default: lora]")
 @config_options
 @registry_option
@@ -80,6 +81,7 @@ def train_cmd(
     overrides: tuple[str, ...],
     registry: Path | None,
     resume: bool,
+    data_split: str | None,
     eval_data: tuple[Path, ...],
     as_json: bool,
     **flags: object,
@@ -90,6 +92,7 @@ def train_cmd(
     cladapt train --task sentiment --data sentiment.jsonl
     cladapt train --task topics --data topics.csv --config cpu-small --set lora.r=16
     cladapt train --task amazon --data amazon.jsonl --method olora --asd --replay general
+    cladapt train --task imdb --data imdb --data-split train   # a dataset datasets.load_dataset knows
 
     Nothing is written to the registry unless the run finishes; an interrupted run can be
     continued with --resume. Under torchrun / accelerate launch the processes train together
@@ -97,14 +100,15 @@ def train_cmd(
     """
     from cladapt import distributed
     from cladapt.config import load_config
+    from cladapt.train.data_sources import with_split
     from cladapt.train.distributed import main_first, start
     from cladapt.train.run import train_from_config
 
     start()  # several processes: join them (one process: nothing to do)
     cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *_flag_overrides(**flags)])
     store = main_first(lambda: open_store(registry, create=True))
-    record = train_from_config(store, task, [str(p) for p in data], cfg, eval_data=[str(p) for p in eval_data] or None,
-                               resume=resume)
+    record = train_from_config(store, task, with_split(data, data_split), cfg,
+                               eval_data=with_split(eval_data, data_split) or None, resume=resume)
     if not distributed.is_main():
         return
     if as_json:
