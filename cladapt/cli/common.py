@@ -65,6 +65,49 @@ def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """``{"eval": {"scores": {"a": 81.25}}}`` -> ``[("eval.scores.a", "81.25")]``: nested metrics as table rows.
+
+    Numbers get at most 4 significant digits, lists of scalars are joined, lists of records are counted:
+    a table a user reads, with ``--json`` for every digit.
+    """
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += flat_items(value, name + ".")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            rows.append((name, f"{len(value)} record(s); --json shows them"))
+        elif isinstance(value, list):
+            shown = ", ".join(scalar(v) for v in value[:8]) or "-"
+            rows.append((name, shown + (f", … ({len(value)} values)" if len(value) > 8 else "")))
+        else:
+            rows.append((name, scalar(value)))
+    return rows
+
+
+def scalar(value: Any) -> str:
+    """One value as a table cell: floats with 4 significant digits, None as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+#: what --data takes, for every command's help
+DATA_HELP = (".jsonl/.json/.csv/.tsv/.parquet, a dataset folder (save_to_disk or data files), or a dataset name for "
+             "datasets.load_dataset (imdb, imdb:test)")
+
+
+def data_split_option(func: F) -> F:
+    """``--data-split``: the split of every dataset folder and name given to --data without ``:SPLIT``."""
+    return click.option(
+        "--data-split", default=None, metavar="SPLIT",
+        help="split of dataset folders and names given without NAME:SPLIT [default: train]",
+    )(func)
+
+
 def config_options(func: F) -> F:
     """``--config`` (repeatable) and ``--set`` (repeatable)."""
     func = click.option(
