@@ -45,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 
 from cladapt.adapters.base import TrainingPlugin
 from cladapt.train.chat import IGNORE_INDEX
+from cladapt.train.checkpoint_state import SafeCheckpointMixin
 from cladapt.train.sampler import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class _PluginSteps(TrainerCallback):
                 p.post_step(model)
 
 
-class CLTrainer(Trainer):
+class CLTrainer(SafeCheckpointMixin, Trainer):
     """``transformers.Trainer`` with continual-learning plugins.
 
     Args:

@@ -38,6 +38,7 @@ from cladapt.precision import resolve as resolve_precision
 from cladapt.registry.refs import validate_task_name
 from cladapt.train import quantization
 from cladapt.train.chat import encode_all
+from cladapt.train.checkpoint_state import check_resumable
 from cladapt.train.data import Example, LoadedData, load_examples
 from cladapt.train.distributed import commit_once, on_main, require_deepspeed, start
 from cladapt.train.history import StoreHistory
@@ -389,6 +390,7 @@ def train_task(
                 callbacks=list(callbacks or []),
             )
             checkpoint = latest_complete_checkpoint(run_dir) if resume else None
+            check_resumable(checkpoint, deepspeed=cfg.train.deepspeed)
             if resume:
                 logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
