@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -26,8 +24,32 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import LoraSpec, MethodConfig
+from cladapt.adapters.targets import check_lora_fits  # noqa: F401  (checked where the model is loaded)
 from cladapt.base_model import DEFAULT_BASE_MODEL
 from cladapt.errors import CladaptError, ConfigError, Issue
+from cladapt.presets import load_yaml, preset_text, read_user_file
+
+#: the one default generation budget: `generate`, `eval` and the evaluation during training (methods.md §11.5)
+DEFAULT_MAX_NEW_TOKENS = 50
+
+
+
+def parse_max_new_tokens(value: object) -> int | str:
+    """A generation budget as users write it: a positive number of tokens, or ``auto``.
+
+    Raises:
+        ValueError: anything else (the message names both accepted forms).
+    """
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"must be a positive number of tokens or 'auto', got {value!r}")
+    return number
+
 
 #: seeds reach numpy (``transformers.set_seed``), which takes 0 .. 2**32 - 1
 SEED_MAX = 2**32 - 1
@@ -83,6 +105,21 @@ class TrainSettings(_Strict):
         32, ge=1, description="with group_by_length: rows are sorted by length within windows of this many batches"
     )
     deepspeed: str | None = Field(None, description="path to a DeepSpeed JSON config, passed through unchanged")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="where the Trainer also sends its logs (its own report_to): tensorboard, wandb, mlflow, or none "
+        "(default); TensorBoard writes into train.logging_dir",
+    )
+    logging_dir: str | None = Field(
+        None, description="TensorBoard's folder (default: logs/ in the run's folder, kept with the version)"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: object) -> object:
+        # `--set train.report_to=tensorboard` and `none`, as transformers takes them
+        items = [value] if isinstance(value, str) else value
+        return [v for v in items if v != "none"] if isinstance(items, list) else value
 
     @field_validator("max_steps")
     @classmethod
@@ -154,7 +191,11 @@ class EvalSettings(_Strict):
     on_history: bool = Field(False, description="after training, re-score every earlier task")
     every: int = Field(0, ge=0, description="continual evaluation every N optimizer steps (0: off)")
     samples: int = Field(100, ge=1, description="rows per task for continual evaluation")
-    max_new_tokens: int = Field(50, ge=1, description="generation budget per answer (methods.md §11.5: 50)")
+    max_new_tokens: int | Literal["auto"] = Field(
+        DEFAULT_MAX_NEW_TOKENS,
+        description="generation budget per answer (methods.md §11.5: 50); auto: each task's longest label in tokens "
+        "+ 4 (classification), 50 for free-text answers",
+    )
     batch_size: int = Field(16, ge=1)
     mode: Literal["generate", "constrained", "both"] = Field(
         "generate", description="strict exact match, constrained log-likelihood over labels, or both (methods.md §4.3)"
@@ -165,6 +206,16 @@ class EvalSettings(_Strict):
     )
     ppl_samples: int = Field(32, ge=1, description="texts used for general perplexity")
     ppl_length: int = Field(256, ge=8, description="tokens per text for general perplexity")
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _budget(cls, value: object) -> object:
+        return parse_max_new_tokens(value)
+
+    @property
+    def budget(self) -> int | None:
+        """``max_new_tokens`` as the scoring functions take it: None picks each task's own (auto)."""
+        return None if self.max_new_tokens == "auto" else int(self.max_new_tokens)
 
 
 class RunConfig(_Strict):
@@ -177,30 +228,6 @@ class RunConfig(_Strict):
     asd: AsdSettings = Field(default_factory=AsdSettings)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
-
-
-def _preset_text(kind: str, name: str) -> str | None:
-    node = resources.files("cladapt.configs").joinpath(kind, f"{name}.yaml")
-    return node.read_text() if node.is_file() else None
-
-
-def preset_names(kind: str) -> list[str]:
-    folder = resources.files("cladapt.configs").joinpath(kind)
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _load_yaml(text: str, source: str, issues: list[Issue]) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        issues.append(Issue(source, f"not valid YAML: {exc}"))
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        issues.append(Issue(source, f"expected a mapping at the top level, got {type(data).__name__}"))
-        return {}
-    return data
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any], source: str, prov: dict[str, str], prefix: str = "") -> None:
@@ -225,22 +252,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [k.strip() for k in key.split(".")], value
 
 
-def _read_user_file(ref: str, issues: list[Issue]) -> tuple[str, dict[str, Any]]:
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            issues.append(Issue(ref, "config file not found"))
-            return ref, {}
-        return str(path), _load_yaml(path.read_text(), str(path), issues)
-    text = _preset_text("train", ref)
-    if text is None:
-        close = difflib.get_close_matches(ref, preset_names("train"), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; presets: {', '.join(preset_names('train'))}"
-        issues.append(Issue(ref, "neither a file nor a train preset" + hint))
-        return ref, {}
-    return f"preset:{ref}", _load_yaml(text, f"preset:{ref}", issues)
-
-
 def load_config(
     *, method: str | None = None, files: Sequence[str] = (), overrides: Sequence[str] = ()
 ) -> tuple[RunConfig, dict[str, str]]:
@@ -253,7 +264,7 @@ def load_config(
         ConfigError: listing every problem with its source and key path.
     """
     issues: list[Issue] = []
-    user = [_read_user_file(f, issues) for f in files]
+    user = [read_user_file(f, issues) for f in files]
     parsed = [(f"--set {o}", *parse_override(o)) for o in overrides]
 
     # the method's preset is merged before user files, so its name is settled first:
@@ -270,12 +281,12 @@ def load_config(
 
     merged: dict[str, Any] = {}
     prov: dict[str, str] = {}
-    default_text = _preset_text("train", "default")
+    default_text = preset_text("train", "default")
     if default_text:
-        _merge(merged, _load_yaml(default_text, "preset:default", issues), "preset:default", prov)
-    method_text = _preset_text("methods", name)
+        _merge(merged, load_yaml(default_text, "preset:default", issues), "preset:default", prov)
+    method_text = preset_text("methods", name)
     if method_text:
-        _merge(merged, _load_yaml(method_text, f"preset:methods/{name}", issues), f"preset:methods/{name}", prov)
+        _merge(merged, load_yaml(method_text, f"preset:methods/{name}", issues), f"preset:methods/{name}", prov)
     for source, data in user:
         _merge(merged, data, source, prov)
     for src, keys, value in parsed:
@@ -343,56 +354,6 @@ def _validate(merged: dict[str, Any], name: str, prov: dict[str, str]) -> RunCon
         raise ConfigError(issues, hint="`cladapt config check FILE` validates a config without training")
     cfg.method = method_cfg
     return cfg
-
-
-def _matrix_shape(module: Any) -> tuple[int, int] | None:
-    """(out, in) of a module PEFT can put a LoRA on (Linear, quantised Linear, Embedding, Conv1D)."""
-    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
-    if isinstance(out_f, int) and isinstance(in_f, int):
-        return out_f, in_f
-    n, d = getattr(module, "num_embeddings", None), getattr(module, "embedding_dim", None)
-    if isinstance(n, int) and isinstance(d, int):
-        return n, d
-    weight = getattr(module, "weight", None)
-    shape = tuple(getattr(weight, "shape", ()))
-    if len(shape) == 2 and not list(module.children()):
-        return int(shape[0]), int(shape[1])
-    return None
-
-
-def check_lora_fits(lora: LoraSpec, model: Any, peft_config: Any) -> None:
-    """Check ``lora.target_modules`` and ``lora.r`` against the loaded base model, before training.
-
-    Config validation cannot see the model, and PEFT is lenient where a user needs an answer: a
-    name that matches nothing is dropped silently when another name matches (and fails deep in
-    ``get_peft_model`` otherwise), and any rank is accepted, although a LoRA on a ``d_out x d_in``
-    matrix cannot have rank above ``min(d_out, d_in)`` (a larger ``r`` adds parameters, not capacity,
-    and shrinks the ``alpha / r`` scaling).
-
-    Args:
-        peft_config: the LoRA config as it will be applied (after ``vision.scope_targets``).
-
-    Raises:
-        ConfigError: naming ``lora.target_modules`` (with the names the model has) or ``lora.r``.
-    """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    modules = [(name, shape) for name, m in model.named_modules() if name and (shape := _matrix_shape(m))]
-    available = sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
-    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n, _ in modules)]
-    matched = [(n, shape) for n, shape in modules if check_target_module_exists(peft_config, n)]
-    issues: list[Issue] = []
-    if missing or not matched:
-        what = f"no module named {', '.join(missing)}" if missing else "no module in scope (lora.target_scope)"
-        issues.append(Issue("lora.target_modules", f"{what}; modules that can take a LoRA: {', '.join(available)}"))
-    if matched:
-        name, shape = min(matched, key=lambda item: min(item[1]))
-        if lora.r > min(shape):
-            issues.append(Issue(
-                "lora.r", f"{lora.r} is above the rank a LoRA on {name} ({shape[0]}x{shape[1]}) can have: {min(shape)}"
-            ))
-    if issues:
-        raise ConfigError(issues, hint="fix the keys above (--set or your config file); nothing was trained")
 
 
 def config_from_manifest(data: dict[str, Any]) -> RunConfig:

@@ -154,7 +154,7 @@ def config_check(files: tuple[str, ...], method: str | None, overrides: tuple[st
 @config_group.command("presets")
 def config_presets() -> None:
     """List the bundled presets."""
-    from cladapt.config import preset_names
+    from cladapt.presets import preset_names
 
     for kind in ("train", "methods"):
         click.echo(f"{kind}: {', '.join(preset_names(kind))}")
