@@ -16,7 +16,7 @@ from cladapt import __version__
 from cladapt.cli import data, hub, methods, registry, route, train
 from cladapt.cli import eval as eval_cli
 from cladapt.cli import serve as serve_cli
-from cladapt.cli.common import err_console
+from cladapt.cli.common import err_console, mute_followers
 from cladapt.errors import CladaptError
 
 
@@ -69,6 +69,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     ctx.obj["verbose"] = verbose
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _setup_logging(verbose)
+    mute_followers()  # torchrun / accelerate launch: standard output from process 0 only
 
 
 for _module in (train, registry, methods, data, eval_cli, hub, route, serve_cli):

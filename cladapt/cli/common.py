@@ -23,6 +23,24 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def follower_process() -> bool:
+    """True in a launched process other than rank 0 (torchrun, accelerate launch, mpirun set its rank).
+
+    Read from the launcher's environment, before any process group exists, so that every command
+    (``train``, ``forget``, a ``list`` someone launched the same way) prints from process 0 only.
+    """
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value != "0"
+    return False
+
+
+def mute_followers() -> None:
+    """Standard output from process 0 only; the others keep standard error (warnings, their own failures)."""
+    console.quiet = follower_process()
+
+
 def default_registry() -> Path:
     """``$CLADAPT_REGISTRY``, else ``./.cladapt``."""
     return Path(os.environ.get("CLADAPT_REGISTRY", ".cladapt"))
@@ -62,7 +80,8 @@ def open_store(path: Path | None, *, create: bool = False, create_named: bool = 
 
 
 def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    if not console.quiet:  # muted in processes other than 0 (mute_followers)
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.table import Table
 
-from cladapt.cli.common import config_options, console, echo_json, open_store, registry_option
+from cladapt.cli.common import config_options, console, echo_json, flat_items, open_store, registry_option
 
 
 def describe_methods() -> list[dict[str, Any]]:
@@ -123,18 +124,23 @@ def forget_cmd(
     The adapter joins the active sum of adapters; groups (layers) it barely uses are pruned to
     exactly zero. gslora.json records forget/retain CE and accuracy before and after.
     """
+    from cladapt import distributed
     from cladapt.config import load_config
+    from cladapt.train.distributed import main_first, start
     from cladapt.train.run import train_from_config
 
+    start()  # several processes (torchrun): join them; process 0 alone commits and prints
     extra = [f"base_model={base_model}"] if base_model else []
     if seed is not None:
         extra.append(f"train.seed={seed}")
     if prototypes:
         extra.append("method.prototypes=true")
     cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *extra])
-    store = open_store(registry, create=True)
+    store = main_first(lambda: open_store(registry, create=True))
     record = train_from_config(store, task, [str(p) for p in retain], cfg, forget_data=[str(p) for p in forget],
                                resume=resume)
+    if not distributed.is_main():
+        return
     if as_json:
         click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
         return
@@ -144,7 +150,10 @@ def forget_cmd(
         f"({record.method}, {stats.get('steps')} steps, loss {stats.get('train_loss')})"
     )
     if record.manifest.metrics:
-        console.print(f"metrics: {json.dumps(record.manifest.metrics, default=str)}", highlight=False)
+        table = Table("metric", "value")
+        for key, value in flat_items(record.manifest.metrics):
+            table.add_row(key, value)
+        console.print(table)
 
 
 commands: list[click.Command] = [methods_cmd, forget_cmd]
