@@ -14,6 +14,10 @@ Three spaces (methods.md §6-7, design.md B2):
 Every vector is L2-normalised float32. The text embedded is the user's prompt as typed (no chat
 template, no special tokens): a template's constant system/role tokens would dominate a mean
 over short prompts, and queries arrive as plain text too.
+
+On a vision-language base a prompt with images (:class:`cladapt.vision.ImagePrompt`) is embedded
+with its images in the ``base`` and ``adapter`` spaces (the mean over image and text tokens of the
+multimodal body); the ``encoder`` space is a text model and embeds its text only.
 """
 
 from __future__ import annotations
@@ -108,6 +112,18 @@ def hidden_embed(
     """
     import torch
 
+    from cladapt.vision import ImagePrompt, embed_image_prompts, has_images
+
+    if has_images(texts):  # image rows through the multimodal body, the rest as text
+        pics = [i for i, t in enumerate(texts) if isinstance(t, ImagePrompt) and t.images]
+        rest = [i for i in range(len(texts)) if i not in set(pics)]
+        got = embed_image_prompts(model, tokenizer, [texts[i] for i in pics])  # type: ignore[misc]
+        out_all = got.new_zeros(len(texts), got.shape[1])
+        out_all[pics] = got
+        if rest:
+            out_all[rest] = hidden_embed(model, tokenizer, [str(texts[i]) for i in rest], batch_size=batch_size,
+                                         max_length=max_length)
+        return out_all
     decoder = _decoder(model)
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []

@@ -12,12 +12,13 @@ handler's event loop.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cladapt.errors import CladaptError
 from cladapt.serve.batching import Job, QueueFull
 from cladapt.serve.engine import Result, Sampling
-from cladapt.serve.schemas import ChatRequest, CompletionRequest
+from cladapt.serve.schemas import ChatRequest, CompletionRequest, PartError
 
 if TYPE_CHECKING:
     from cladapt.serve.server import Server
@@ -55,17 +56,78 @@ class AsyncSink:
 
 
 
-def prompt_ids(server: Server, req: CompletionRequest | ChatRequest) -> tuple[list[int], str, str]:
-    """(token ids, the text the router reads, the field holding the prompt)."""
+@dataclass
+class Prompt:
+    """What admission makes of a request's prompt."""
+
+    ids: list[int]
+    #: what a router reads: the last user message's text (an ImagePrompt with its images on image requests)
+    route_text: str
+    field: str  # the request field holding the prompt, for errors
+    vision: dict[str, Any] | None = None
+    token_extras: dict[str, list[int]] | None = None
+
+
+def prompt_of(server: Server, req: CompletionRequest | ChatRequest) -> Prompt:
+    """The request's prompt as token ids (chat: through the chat template, images through the processor)."""
     try:
         if isinstance(req, ChatRequest):
+            if req.image_parts():
+                return image_prompt(server, req)
             conv = req.conversation()
             users = [m["content"] for m in conv if m["role"] == "user"]
-            return server.engine.encode_chat(conv), (users[-1] if users else conv[-1]["content"]), "messages"
+            return Prompt(server.engine.encode_chat(conv), users[-1] if users else conv[-1]["content"], "messages")
         text = req.prompt_text()
+    except PartError as exc:
+        raise BadRequest(str(exc), exc.param) from exc
     except ValueError as exc:
         raise BadRequest(str(exc), "messages" if isinstance(req, ChatRequest) else "prompt") from exc
-    return server.engine.encode_text(text), text, "prompt"
+    return Prompt(server.engine.encode_text(text), text, "prompt")
+
+
+def image_prompt(server: Server, req: ChatRequest) -> Prompt:
+    """A chat request with ``image_url`` parts on a vision-language base.
+
+    Parts keep their order (text, image, text ...) in the rendered template; images are decoded
+    from data URLs only (a server that fetched URLs would fetch whatever a client names).
+    """
+    from cladapt.errors import DataError
+    from cladapt.text.template import render
+    from cladapt.vision import ImagePrompt, decode_data_url, process, processor_of
+
+    tokenizer = server.engine.tokenizer
+    processor = processor_of(tokenizer)
+    if processor is None:
+        where = req.image_parts()[0]
+        raise BadRequest(f"{where}: an image_url part needs a vision-language base model, and "
+                         f"{server.served_name} is text-only; send text content", where)
+    conv: list[dict[str, Any]] = []
+    images: list[Any] = []
+    route = ImagePrompt([], [])
+    for i, message in enumerate(req.messages):
+        content: list[dict[str, Any]] = []
+        order: list[tuple[str, Any]] = []
+        mine: list[Any] = []
+        for j, (kind, value) in enumerate(message.parts(i)):
+            if kind == "text":
+                content.append({"type": "text", "text": value})
+                order.append(("text", value))
+                continue
+            where = f"messages[{i}].content[{j}].image_url.url"
+            try:
+                image = decode_data_url(value, where=where)
+            except DataError as exc:
+                raise BadRequest(str(exc), where) from exc
+            content.append({"type": "image"})
+            order.append(("image", len(mine)))
+            mine.append(image)
+        images += mine
+        role = "system" if message.role == "developer" else message.role
+        conv.append({"role": role, "content": content})
+        if role == "user":
+            route = ImagePrompt(order, mine)
+    got = process(processor, render(tokenizer, conv), images)
+    return Prompt(got.input_ids, route, "messages", got.vision, got.token_extras)
 
 
 def sampling_of(server: Server, req: CompletionRequest | ChatRequest, n_prompt: int, field: str) -> Sampling:
@@ -97,11 +159,14 @@ async def admit(server: Server, req: CompletionRequest | ChatRequest) -> tuple[J
         raise BadRequest("model 'auto' routes each request to an adapter, and this server has no router: "
                          "start it with --router NAME (e.g. dtkr, mos, sum) or name an adapter", "model")
     target = None if auto else server.catalog.resolve(req.model)
-    ids, text, field = prompt_ids(server, req)
-    sampling = sampling_of(server, req, len(ids), field)
+    if isinstance(req, ChatRequest) and req.image_parts():  # images are decoded and processed off the event loop
+        prompt = await asyncio.to_thread(prompt_of, server, req)
+    else:
+        prompt = prompt_of(server, req)
+    sampling = sampling_of(server, req, len(prompt.ids), prompt.field)
     sink = AsyncSink(asyncio.get_running_loop())
-    job = Job(model=req.model, prompt_ids=ids, prompt_text=text, sampling=sampling, sink=sink, stream=req.stream,
-              needs_route=auto)
+    job = Job(model=req.model, prompt_ids=prompt.ids, prompt_text=prompt.route_text, sampling=sampling, sink=sink,
+              stream=req.stream, needs_route=auto, vision=prompt.vision, token_extras=prompt.token_extras)
     if target is not None:
         job.key, job.label = target.key, target.label
         job.route = None

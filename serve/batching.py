@@ -62,6 +62,9 @@ class Job:
     label: str = "base"
     route: dict[str, Any] | None = None
     needs_route: bool = False
+    #: an image request: pixel tensors and token-aligned extras from the processor (see Row)
+    vision: dict[str, Any] | None = None
+    token_extras: dict[str, list[int]] | None = None
     finished: bool = False
     cancelled: bool = False  # set by the app when the client disconnects
     enqueued: float = field(default_factory=time.perf_counter)
@@ -248,6 +251,8 @@ class Batcher:
             on_done=done,
             on_text=job.sink.text if job.stream else None,
             cancelled=lambda: job.cancelled,
+            vision=job.vision,
+            token_extras=job.token_extras,
         )
 
     def _finish(self, job: Job) -> None:

@@ -79,6 +79,10 @@ class Row:
     on_text: Callable[[str], None] | None = None
     #: polled every step: a row whose client went away stops and frees its batch slot
     cancelled: Callable[[], bool] | None = None
+    #: an image request on a vision-language base: the processor's pixel tensors and token-aligned
+    #: extras (Qwen2-VL's ``mm_token_type_ids``); decoded through the model's own ``generate``
+    vision: dict[str, torch.Tensor] | None = None
+    token_extras: dict[str, list[int]] | None = None
     # decoding state
     generated: list[int] = field(default_factory=list)
     emitted: int = 0
@@ -164,12 +168,55 @@ class Engine:
                 if row.sampling.temperature > 0:
                     seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
                     row.generator = torch.Generator(device="cpu").manual_seed(seed)
+            for row in rows:
+                if row.vision:
+                    self._generate_one(row)
+            text_rows = [r for r in rows if not r.vision]
+            if not text_rows:
+                return
             stacked = self._stacked_lora() if self.loaded and self.use_stacked else None
             if stacked is None:
-                self._decode(list(rows), None)
+                self._decode(text_rows, None)
                 return
             with stacked.active(self.model):
-                self._decode(list(rows), stacked)
+                self._decode(text_rows, stacked)
+
+    def _generate_one(self, row: Row) -> None:
+        """One image row through the model's own ``generate`` (the path of ``cladapt generate --image``).
+
+        Each family prepares its pixel inputs and positions itself (LLaVA's image features, Qwen2-VL's
+        3-D rotary positions from the image grid), which the batched loop's explicit positions
+        cannot. Tokens are still chosen by :meth:`_sample` and checked by :meth:`_advance`, so
+        sampling, stop strings, streaming and cancellation behave as for text rows.
+        """
+        from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
+
+        engine, done = self, [False]
+
+        class Choose(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                token = engine._sample([row], scores.float())[0]
+                done[0] = done[0] or engine._advance(row, token)
+                forced = torch.full_like(scores, float("-inf"))
+                forced[:, token] = 0.0
+                return forced
+
+        class Finished(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), done[0], dtype=torch.bool, device=input_ids.device)
+
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs.update({k: torch.tensor([v], device=self.device) for k, v in (row.token_extras or {}).items()})
+        inputs.update({k: v.to(self.device) for k, v in (row.vision or {}).items()})
+        if self.loaded:
+            inputs["adapter_names"] = [row.adapter]
+        config = GenerationConfig(max_new_tokens=row.sampling.max_tokens + 1, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids) or None)
+        self.model.generate(**inputs, generation_config=config, logits_processor=[Choose()],
+                            stopping_criteria=[Finished()])
+        if not done[0]:  # generate stopped on its own (a length limit of the model)
+            self._finish(row, self._text(row), "length")
 
     def _stacked_lora(self) -> StackedLora | None:
         if self._stacked is None or self._stacked.names != tuple(sorted(self.loaded)):

@@ -103,16 +103,40 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         """The message's text: a string, or the concatenated text parts of a content list."""
+        return "".join(v for kind, v in self.parts(0) if kind == "text")
+
+    def parts(self, index: int) -> list[tuple[str, str]]:
+        """``("text", text)`` and ``("image_url", url)`` in order; ``index`` is this message's place in
+        ``messages``, for errors that name the part (``messages[1].content[2]``)."""
         if self.content is None:
-            return ""
+            return []
         if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+            return [("text", self.content)]
+        out = []
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(("text", part["text"]))
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str):
+                    raise PartError(f"{where}.image_url.url: a string (a data:image/...;base64 URL) is required",
+                                    f"{where}.image_url.url")
+                out.append(("image_url", url))
+            else:
+                raise PartError(f"{where}: content part type {kind!r} is not supported (text and image_url are)",
+                                where)
+        return out
+
+
+class PartError(ValueError):
+    """A content part the server cannot take; ``param`` names it (``messages[0].content[1]``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ChatRequest(_Request):
@@ -121,6 +145,11 @@ class ChatRequest(_Request):
     def conversation(self) -> list[dict[str, str]]:
         # `developer` is the newer name of `system`; chat templates know only the latter
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def image_parts(self) -> list[str]:
+        """Where the request's ``image_url`` parts are (``messages[i].content[j]``), in order."""
+        return [f"messages[{i}].content[{j}]" for i, m in enumerate(self.messages) if isinstance(m.content, list)
+                for j, part in enumerate(m.content) if part.get("type") == "image_url"]
 
 
 class LoadLoraRequest(BaseModel):

@@ -33,8 +33,16 @@ logger = logging.getLogger(__name__)
 
 def compute_signature(model: Any, tokenizer: Any, examples: list[Example], *, adapter: str, seed: int,
                       base_fingerprint: str) -> Signature:
-    """Embed a seeded sample of ``examples``' prompts with ``adapter`` on ``model`` (a PeftModel)."""
-    prompts = [ex.prompt_text for ex in examples]
+    """Embed a seeded sample of ``examples``' prompts with ``adapter`` on ``model`` (a PeftModel).
+
+    Image rows (on a vision-language base) are embedded with their images in the base and
+    own-adapter spaces, so image requests are routed by what they show as well as what they ask;
+    the sentence-encoder space embeds their text only.
+    """
+    from cladapt.vision import ImagePrompt
+
+    prompts: list[str] = [ImagePrompt.images_first(ex.prompt_text, ex.images) if ex.images else ex.prompt_text
+                          for ex in examples]
     labels = [ex.answer for ex in examples]
     return build_signature(model, tokenizer, prompts, labels, adapter=adapter, encoder=load_encoder(), seed=seed,
                            base_fingerprint=base_fingerprint)
