@@ -87,6 +87,7 @@ class Proxy:
         self._sums: dict[str, tuple[str, ...]] = {}  # sum-<hash> -> the versions it composes
         self.router: Any = None
         self.features: Any = None
+        self.vision = False  # the router's base is a vision-language model: it routes on images too
         headers = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
         self.client = httpx.AsyncClient(timeout=config.timeout_s, headers=headers)
 
@@ -204,6 +205,7 @@ def build_proxy(config: ProxyConfig, store: Store) -> Proxy:
         from cladapt.features import FeatureExtractor, load_encoder
         from cladapt.serve.routers.session import base_model_of
         from cladapt.serve.routers.state import build_router, router_config
+        from cladapt.vision import processor_of
 
         overrides = [f"{k}={json.dumps(v)}" for k, v in config.router_config.items()]
         cfg = router_config(config.router, overrides)
@@ -212,22 +214,50 @@ def build_proxy(config: ProxyConfig, store: Store) -> Proxy:
         proxy.router = build_router(store, config.router, info.fingerprint, config=cfg)
         encoder = load_encoder(required="encoder" in proxy.router.spaces)
         proxy.features = FeatureExtractor(model, tok, encoder=encoder)
+        proxy.vision = processor_of(tok) is not None
     return proxy
 
 
 # ---------------------------------------------------------------------------------- HTTP
 
 
-def _prompt_text(body: dict[str, Any]) -> str:
-    if "messages" in body:
-        users = [m.get("content") for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-        text = users[-1] if users else ""
-    else:
+def _prompt_text(body: dict[str, Any], *, vision: bool = False) -> str:
+    """What the router reads: the last user message's text, with its data-URL images when the
+    router's base is a vision-language model (an :class:`~cladapt.vision.ImagePrompt`).
+
+    Content parts go upstream unchanged either way; a remote image URL is the upstream's to fetch,
+    and the route is then made on the message's text and inline images.
+    """
+    if "messages" not in body:
         text = body.get("prompt", "")
         text = text[0] if isinstance(text, list) and text else text
-    if not isinstance(text, str):
-        raise CladaptError("the proxy routes text prompts only", hint="send a string prompt or text message content")
-    return text
+        if not isinstance(text, str):
+            raise CladaptError("prompt: a string is required")
+        return text
+    messages = body["messages"] if isinstance(body["messages"], list) else []
+    users = [(i, m.get("content")) for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        return ""
+    index, content = users[-1]
+    if isinstance(content, str) or content is None:
+        return content or ""
+    if not isinstance(content, list):
+        raise CladaptError(f"messages[{index}].content: a string or a list of content parts is required")
+    from cladapt.vision import ImagePrompt, decode_data_url
+
+    order: list[tuple[str, Any]] = []
+    images: list[Any] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            order.append(("text", part["text"]))
+        elif kind == "image_url" and vision:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str) and url.startswith("data:"):
+                order.append(("image", len(images)))
+                images.append(decode_data_url(url, where=f"messages[{index}].content[{j}].image_url.url"))
+    return ImagePrompt(order, images)
 
 
 async def _plan(proxy: Proxy, body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
@@ -239,7 +269,7 @@ async def _plan(proxy: Proxy, body: dict[str, Any]) -> tuple[str | None, dict[st
     if model in (base, "base"):
         return None, None
     if model == "auto":
-        return await asyncio.to_thread(proxy.route, _prompt_text(body))
+        return await asyncio.to_thread(lambda: proxy.route(_prompt_text(body, vision=proxy.vision)))
     if model == "sum":
         key = await asyncio.to_thread(proxy.resolve_sum)
         return key, {"combine": "sum", "refs": list(proxy._sums[key])}

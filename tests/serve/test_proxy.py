@@ -140,3 +140,46 @@ def test_sum_without_sum_versions_is_404_naming_why(tmp_path, served_registry) -
         with BackgroundServer(create_proxy_app(proxy)) as front:
             r = httpx.post(front.url + "/v1/completions", json={"model": "sum", "prompt": "x"})
     assert r.status_code == 404 and "sum-composed" in r.json()["message"]
+
+
+def _png_url() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 20, 20)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_parts_go_upstream_unchanged_and_auto_routes_on_their_text(fleet) -> None:
+    front, _, _ = fleet
+    content = [{"type": "image_url", "image_url": {"url": _png_url()}},
+               {"type": "text", "text": "the company does business"},
+               {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]
+    body = {"model": "auto", "messages": [{"role": "user", "content": content}]}
+    r = httpx.post(front.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cladapt-adapter"] == "topics@1"  # a text-only router base routes on the text parts
+    fake = _upstream_of(fleet, "topics@1")
+    sent = [c[1] for c in fake.calls if c[0] == "chat"][-1]
+    assert sent["messages"][0]["content"] == content and sent["model"] == "topics@1"
+
+
+def test_prompt_text_of_image_parts_on_a_vision_router() -> None:
+    from cladapt.errors import DataError
+    from cladapt.serve.proxy import _prompt_text
+    from cladapt.vision import ImagePrompt
+
+    content = [{"type": "text", "text": "before"}, {"type": "image_url", "image_url": {"url": _png_url()}},
+               {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+               {"type": "text", "text": "after"}]
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": content}]}
+    got = _prompt_text(body, vision=True)
+    assert isinstance(got, ImagePrompt) and str(got) == "before after" and len(got.images) == 1
+    assert got.parts == [("text", "before"), ("image", 0), ("text", "after")]  # the remote image is upstream's
+    assert _prompt_text(body).images == [] and str(_prompt_text(body)) == "before after"
+    broken = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@"}}]}]}
+    with pytest.raises(DataError, match=r"messages\[0\].content\[0\].image_url.url"):
+        _prompt_text(broken, vision=True)
