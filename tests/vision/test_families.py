@@ -1,4 +1,4 @@
-"""Tiny random LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM), Qwen2-VL and Qwen2.5-VL: load, train, evaluate, export, reload.
+"""Tiny random LLaVA, LLaVA-NeXT, LLaVA-OneVision, Idefics3, SmolVLM, Qwen2-VL and Qwen2.5-VL: load, train, evaluate, export, reload.
 
 Each family is built from a config in seconds, offline (``tiny_vlm.py``). One task of image rows
 trains a few steps through ``train_task``; the exported adapter, loaded on a fresh base by plain
@@ -8,6 +8,7 @@ loading, and different ones from the base (so the parity is not trivial).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,11 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-FAMILIES = ["llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl"]
+_NO_NUM2WORDS = importlib.util.find_spec("num2words") is None
+FAMILIES = ["llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl", "llava_onevision",
+            pytest.param("smolvlm", marks=pytest.mark.skipif(
+                _NO_NUM2WORDS, reason="SmolVLMProcessor raises ImportError without the num2words package "
+                                      "(pip install 'cladapt[vision]')"))]
 
 
 def _cfg(base: Path, method: str = "lora", **extra: Any) -> Any:

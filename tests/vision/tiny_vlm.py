@@ -1,8 +1,9 @@
 """Tiny random vision-language models with their processors, built offline in seconds.
 
-Three families, each from a config (no download): LLaVA (CLIP vision tower + Llama), Idefics3 /
-SmolVLM (SigLIP-style tower + pixel-shuffle connector + Llama) and Qwen2-VL (its own ViT + Qwen2
-with multimodal RoPE). Every language model has hidden size 64 and 2 layers, every vision tower
+Each family from a config (no download): LLaVA and LLaVA-NeXT (CLIP vision tower + Llama),
+LLaVA-OneVision (SigLIP tower + Qwen2, any-resolution tiles), Idefics3 and SmolVLM (SigLIP-style
+tower + pixel-shuffle connector + Llama) and Qwen2-VL / Qwen2.5-VL (their own ViT + Qwen2 with
+multimodal RoPE). Every language model has hidden size 64 and 2 layers, every vision tower
 hidden size 32 and 1 layer; images are 28x28 pixels, so one image is 1 (Qwen2-VL, Idefics3) or
 4 (LLaVA) tokens. The tokenizer is the same BPE as ``tests/tiny.py`` plus each family's image
 tokens as special tokens, and the chat templates follow the real models' formats.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl")
+FAMILIES = ("llava", "idefics3", "qwen2_vl", "llava_next", "qwen2_5_vl", "llava_onevision", "smolvlm")
 
 _CHATML_PARTS = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -182,6 +183,56 @@ def _qwen2_5_vl(folder: Path) -> None:
     (folder / "chat_template.jinja").write_text(template)
 
 
+def _snapshot(folder: Path, tok: Any, image_proc: Any, template: str, processor: dict[str, Any]) -> None:
+    """What a hub snapshot of a processor with a video processor holds, written without torchvision
+    (which building that processor needs): tokenizer, image processor, chat template, processor_config.json."""
+    import json
+
+    tok.save_pretrained(folder)
+    image_proc.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(template)
+    (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def _llava_onevision(folder: Path) -> None:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tok = _tokenizer(["<image>", "<video>"], "<|im_end|>")
+    pinpoints = [[28, 28], [28, 56], [56, 28]]
+    image_proc = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints)
+    config = LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        text_config={**_llama_text(tok), "model_type": "qwen2"}, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
+    )
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(folder)
+    _snapshot(folder, tok, image_proc, _CHATML_PARTS.replace("IMAGE", "'<image>'"), {
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 4, "vision_feature_select_strategy": "full",
+        "image_token": "<image>", "video_token": "<video>", "vision_aspect_ratio": "anyres_max_9"})
+
+
+def _smolvlm(folder: Path) -> None:
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
+
+    tok = _tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"], "<end_of_utterance>")
+    image_proc = SmolVLMImageProcessorPil(
+        size={"longest_edge": 28}, max_image_size={"longest_edge": 28}, do_image_splitting=False
+    )
+    config = SmolVLMConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 14},
+        text_config=_llama_text(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
+    )
+    SmolVLMForConditionalGeneration(config).save_pretrained(folder)
+    _snapshot(folder, tok, image_proc, _IDEFICS3_TEMPLATE, {"processor_class": "SmolVLMProcessor", "image_seq_len": 1})
+
+
 def build_tiny_vlm(folder: Path, family: str, *, seed: int = 0) -> Path:
     """Write a tiny random ``family`` model and its processor to ``folder`` (a from_pretrained folder)."""
     import torch
@@ -189,7 +240,7 @@ def build_tiny_vlm(folder: Path, family: str, *, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     builders = {"llava": _llava, "idefics3": _idefics3, "qwen2_vl": _qwen2_vl, "llava_next": _llava_next,
-                "qwen2_5_vl": _qwen2_5_vl}
+                "qwen2_5_vl": _qwen2_5_vl, "llava_onevision": _llava_onevision, "smolvlm": _smolvlm}
     builders[family](folder)
     return folder
 
