@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,6 +194,40 @@ def load_tokenizer(name_or_path: str = DEFAULT_BASE_MODEL) -> PreTrainedTokenize
     return tok
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' "Loading weights" bars off while a model loads (restored after).
+
+    A base loads in well under a second for the models cladapt trains; a bar per load only buries
+    the command's own output (and each rank's under torchrun). transformers' own switch, so its
+    other logging and the Trainer's training bar are untouched.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_weights(resolved: Path | str, torch_dtype: Any, quantization: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) of a text or vision-language base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _is_vision(resolved):
+        from cladapt.vision import load_model
+
+        return load_model(resolved, torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    # quantization: a transformers BitsAndBytesConfig (train.quantization); the fingerprint is
+    # that of the weight files, so adapters trained on the quantised base fit the full one
+    quant = {"quantization_config": quantization} if quantization is not None else {}
+    return AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **quant), tokenizer
+
+
 def load(
     name_or_path: str = DEFAULT_BASE_MODEL,
     *,
@@ -208,23 +244,14 @@ def load(
         (model in eval mode, tokenizer with a pad token, info to record in manifests).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_path(name_or_path)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16")
     try:
-        if _is_vision(resolved):
-            from cladapt.vision import load_model
-
-            model, tokenizer = load_model(resolved, torch_dtype)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(resolved)
-            # quantization: a transformers BitsAndBytesConfig (train.quantization); the fingerprint is
-            # that of the weight files, so adapters trained on the quantised base fit the full one
-            quant = {"quantization_config": quantization} if quantization is not None else {}
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **quant)
+        with quiet_loading():
+            model, tokenizer = _load_weights(resolved, torch_dtype, quantization)
     except OSError as exc:
         raise ModelError(
             f"cannot load base model {name_or_path!r}: {exc}",

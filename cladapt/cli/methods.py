@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cladapt.cli.common import config_options, console, echo_json, flat_items, open_store, registry_option
+from cladapt.cli.common import config_options, console, echo_json, flat_items, open_store, registry_option, scalar
 
 
 def describe_methods() -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ def forget_cmd(
     stats = record.manifest.train_stats
     console.print(
         f"[bold]{record.task}@{record.version}[/] committed as {record.status} "
-        f"({record.method}, {stats.get('steps')} steps, loss {stats.get('train_loss')})"
+        f"({record.method}, {stats.get('steps')} steps, loss {scalar(stats.get('train_loss'))})"
     )
     if record.manifest.metrics:
         table = Table("metric", "value")

@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from cladapt.cli import route as route_cli
-from cladapt.cli.common import console, echo_json, err_console, open_store, registry_option
+from cladapt.cli.common import console, echo_json, err_console, flat_items, open_store, registry_option
 
 
 @click.group("registry")
@@ -158,13 +158,20 @@ def show_cmd(ref: str, registry: Path | None, as_json: bool) -> None:
     console.rule(f"[bold]{rec.task}@{rec.version}[/] ({rec.status})")
     for key in ("method", "composition", "created", "seed"):
         console.print(f"[bold]{key}[/]: {payload[key]}", highlight=False)
-    console.print(f"[bold]base model[/]: {payload['base_model']}", highlight=False)
-    console.print(f"[bold]lora[/]: {payload['lora']}", highlight=False)
-    console.print(f"[bold]method config[/]: {payload['method_config']}", highlight=False)
-    console.print(f"[bold]data[/]: {payload['data']}", highlight=False)
-    console.print(f"[bold]parents[/]: {payload['parents'] or '-'}   [bold]dependants[/]: {dependants or '-'}")
-    console.print(f"[bold]train[/]: {payload['train_stats']}", highlight=False)
-    console.print(f"[bold]metrics[/]: {payload['metrics']}", highlight=False)
+    for key, label in (("base_model", "base model"), ("lora", "lora"), ("method_config", "method config")):
+        console.print(f"[bold]{label}[/]: " + "  ".join(f"{k}={v}" for k, v in flat_items(payload[key])), highlight=False)
+    data = {k: v for k, v in payload["data"].items() if k != "sources"}
+    console.print("[bold]data[/]: " + "  ".join(f"{k}={v}" for k, v in flat_items(data)), highlight=False)
+    console.print(f"[bold]parents[/]: {', '.join(payload['parents']) or '-'}   "
+                  f"[bold]dependants[/]: {', '.join(dependants) or '-'}", highlight=False)
+    for title, section in (("training", payload["train_stats"]), ("metrics", payload["metrics"])):
+        if section:
+            table = Table("key", "value", title=title, title_justify="left")
+            for key, value in flat_items(section):
+                table.add_row(key, value)
+            console.print(table)
+    if not payload["metrics"]:
+        console.print("[bold]metrics[/]: - (none recorded; `cladapt eval --adapter REF` adds some)")
     files = Table("file", "size", "sha256")
     for f in payload["files"]:
         files.add_row(f["path"], str(f["size"]), f["sha256"][:16] + "…")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from cladapt.cli.common import DATA_HELP, config_options, console, data_split_option, open_store, registry_option
+from cladapt.cli.common import (
+    DATA_HELP,
+    config_options,
+    console,
+    data_split_option,
+    open_store,
+    registry_option,
+    scalar,
+)
 
 
 def _flag_overrides(**flags: object) -> list[str]:
@@ -118,12 +126,12 @@ def train_cmd(
     color = {"active": "green", "rejected": "red"}.get(record.status, "yellow")
     console.print(
         f"[bold]{record.task}@{record.version}[/] committed as [{color}]{record.status}[/] "
-        f"({record.method}, r={record.r}, {stats.get('steps')} steps, loss {stats.get('train_loss')}, "
+        f"({record.method}, r={record.r}, {stats.get('steps')} steps, loss {scalar(stats.get('train_loss'))}, "
         f"{stats.get('wall_seconds')} s)"
     )
     scalars = {k: v for k, v in record.manifest.metrics.items() if isinstance(v, (int, float, str))}
     if scalars:
-        console.print(f"metrics: {json.dumps(scalars, default=str)}", highlight=False)
+        console.print("metrics: " + "  ".join(f"{k} {scalar(v)}" for k, v in scalars.items()), highlight=False)
     if record.status == "rejected":
         reasons = record.manifest.metrics.get("gate", {}).get("reasons", [])
         console.print(f"[red]rejected by the admission gate[/]: {'; '.join(reasons)}", highlight=False)
