@@ -160,10 +160,17 @@ VISION = [  # on a tiny random LLaVA written to ./my-llava
     "cladapt eval --adapter vqa --data vqa_test.jsonl --mode both",
     "cladapt generate --adapter vqa --image photo.png 'What is on the table?'",
 ]
+VISION_SERVING = [  # then served: an image request as OpenAI content parts
+    "cladapt serve --port 8000",
+    "curl localhost:8000/v1/chat/completions -H 'content-type: application/json' -d "
+    "'{\"model\":\"vqa\",\"max_tokens\":8,\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\","
+    "\"image_url\":{\"url\":\"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR42mO8IyfHwMDAxMDAwMDAAAAOCAEc4R2zdQAAAABJRU5ErkJggg==\"}},"
+    "{\"type\":\"text\",\"text\":\"What colour is the shape?\"}]}]}'",
+]
 QLORA = ["cladapt train --task amazon --data amazon.jsonl --load-in-4bit"]  # bitsandbytes trains on CPU
 SCENARIOS: dict[str, list[str]] = {
     "quickstart": QUICKSTART, "methods": METHODS, "pipeline": PIPELINE, "self-generate": SELF_GENERATE,
-    "routing": ROUTING, "serving": SERVING, "hub": HUB, "vision": VISION, "qlora": QLORA,
+    "routing": ROUTING, "serving": SERVING, "hub": HUB, "vision": VISION + VISION_SERVING, "qlora": QLORA,
 }
 
 
@@ -417,16 +424,14 @@ def _curl(key: str, url: str) -> httpx.Response:
     return httpx.post(target, headers=headers, content=data, timeout=120)
 
 
-def test_serving(quickstart: tuple[Path, dict[str, str]], workspace: pytest.MonkeyPatch, tiny_base_path: Path) -> None:
-    """`cladapt serve` as printed, in-process (uvicorn's blocking run swapped for a thread on a free port);
-    the README's curl lines against it; then `export --vllm`."""
+def _serve_and_curl(workspace: pytest.MonkeyPatch, serve_key: str, curl_keys: list[str], base: Path
+                    ) -> list[httpx.Response]:
+    """`cladapt serve` as printed, in-process (uvicorn's blocking run swapped for a thread on a free port),
+    and the README's curl lines ``curl_keys`` against it; the serve command must then exit cleanly."""
     import threading
 
-    from cladapt.serve import app as serve_app
+    from cladapt.serve import running as serve_app
 
-    here, _ = quickstart
-    enter(workspace, here, encoder=True)
-    workspace.setenv("CLADAPT_REGISTRY", str(here / "reg"))
     started: list[str] = []
     stop = threading.Event()
 
@@ -438,17 +443,26 @@ def test_serving(quickstart: tuple[Path, dict[str, str]], workspace: pytest.Monk
 
     workspace.setattr(serve_app, "run", run_in_thread)
     outcome: list[object] = []
-    thread = threading.Thread(target=lambda: outcome.append(cli_run(*prepared(SERVING[0], tiny_base_path), ok=False)))
+    thread = threading.Thread(target=lambda: outcome.append(cli_run(*prepared(serve_key, base), ok=False)))
     thread.start()
     try:
         while not started and thread.is_alive():
             thread.join(0.05)
         assert started, outcome[0].output if outcome else "the server did not start"  # type: ignore[attr-defined]
-        chat, stream, models = (_curl(key, started[0]) for key in SERVING[1:4])
+        responses = [_curl(key, started[0]) for key in curl_keys]
     finally:
         stop.set()
         thread.join(60)
     assert outcome and outcome[0].exit_code == 0, outcome[0].output  # type: ignore[attr-defined]
+    return responses
+
+
+def test_serving(quickstart: tuple[Path, dict[str, str]], workspace: pytest.MonkeyPatch, tiny_base_path: Path) -> None:
+    """`cladapt serve` and the README's curl lines against it; then `export --vllm`."""
+    here, _ = quickstart
+    enter(workspace, here, encoder=True)
+    workspace.setenv("CLADAPT_REGISTRY", str(here / "reg"))
+    chat, stream, models = _serve_and_curl(workspace, SERVING[0], SERVING[1:4], tiny_base_path)
     assert chat.status_code == 200 and chat.headers["x-cladapt-adapter"] == "sentiment@1", chat.text
     assert chat.json()["choices"][0]["message"]["role"] == "assistant"
     assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]"), stream.text
@@ -599,6 +613,9 @@ def test_vision(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
     assert json.loads(cli_run("list", "--json").stdout)[0]["method"] == "reglora"
     assert any((here / ".cladapt" / "tasks" / "vqa").rglob("asd.json"))
     assert "What is on the table?" in outputs[VISION[-1]]
+    (answer,) = _serve_and_curl(workspace, VISION_SERVING[0], VISION_SERVING[1:], here / "my-llava")
+    assert answer.status_code == 200 and answer.headers["x-cladapt-adapter"] == "vqa@1", answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 4  # the picture's image tokens are in the prompt
 
 
 def test_qlora(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> None:
