@@ -73,7 +73,8 @@ def routed(vlm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
                               lora={"r": 4, "target_modules": regex}, signature=sig))
     queries = {"reds": write_image(tmp / "q-red.png", (210, 45, 35), shape="circle"),
                "blues": write_image(tmp / "q-blue.png", (40, 35, 210), shape="square")}
-    return {"model": peft_model, "tok": tok, "views": views, "queries": queries}
+    return {"model": peft_model, "tok": tok, "info": info, "views": views, "queries": queries,
+            "base": vlm_paths["llava"], "tmp": tmp}
 
 
 def test_image_signatures_hold_image_embeddings(routed: dict[str, Any]) -> None:
@@ -105,3 +106,57 @@ def test_routers_send_image_requests_to_the_task_their_pictures_belong_to(routed
     assert [route.task for route in routes] == ["reds", "blues"]
     text_only = r.route(QueryBatch([QUESTION, QUESTION], features))
     assert text_only[0].task == text_only[1].task  # words alone cannot separate them
+
+
+def _commit(store: Any, routed: dict[str, Any], view: Any) -> None:
+    """One routed version as training commits it: the PEFT folder and its image signature."""
+    import shutil
+
+    from cladapt.features import SIGNATURE_STEM
+
+    out = routed["tmp"] / "saved"
+    routed["model"].save_pretrained(out, selected_adapters=[view.peft_name])
+    with store.stage(view.task) as staging:
+        for f in (out / view.peft_name).iterdir():
+            shutil.copy2(f, staging.adapter_dir / f.name)
+        staging.write_tensors(f"{SIGNATURE_STEM}.safetensors", view.signature.tensors())
+        staging.write_json(f"{SIGNATURE_STEM}.json", view.signature.to_json())
+        staging.manifest_fields = {
+            "method": "lora", "method_config": {}, "composition": "route", "base_model": routed["info"].as_dict(),
+            "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": view.lora["target_modules"]},
+            "data": {"files": [f"{view.task}.jsonl"], "sha256": "ab" * 32, "rows": 6},
+            "config": {"seed": 0}, "seed": 0, "parents": [], "train_stats": {"steps": 1}, "metrics": {},
+        }
+        store.commit(staging, status="active")
+
+
+def test_server_routes_image_requests_by_their_pictures(routed: dict[str, Any]) -> None:
+    """`cladapt serve --router dtkr --router-set space=base` over HTTP: model auto, same words, two pictures."""
+    import base64
+
+    import httpx
+
+    from cladapt.registry.store import Store
+    from cladapt.serve.app import create_app
+    from cladapt.serve.running import BackgroundServer
+    from cladapt.serve.server import Server, load_serve_config
+
+    store = Store.init(routed["tmp"] / "reg")
+    for view in routed["views"]:
+        _commit(store, routed, view)
+    config = load_serve_config(base_model=str(routed["base"]), router="dtkr",
+                               router_config={"space": "base", "groups": 1, "keys": 3, "retrieve": 1})
+    server = Server(config, store).start()
+    got = {}
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            for task, path in routed["queries"].items():
+                url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+                r = httpx.post(bg.url + "/v1/chat/completions", timeout=120, json={
+                    "model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]})
+                assert r.status_code == 200, r.text
+                got[task] = r.headers["x-cladapt-adapter"]
+    finally:
+        server.close()
+    assert got == {"reds": "reds@1", "blues": "blues@1"}
