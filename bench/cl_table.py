@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cladapt.train.bench_cl import lora_label
+from cladapt.bench.cl_spec import lora_label
 
 COLUMNS = ["order", "method", "LoRA", "AA", "LA", "BWT", "FWT", "FM", "AA constrained", "format %", "ppl (base)", "wall min"]
 

@@ -74,9 +74,9 @@ def main() -> None:
     import torch
     import transformers
 
+    from cladapt import evaluation as E
     from cladapt.base_model import load
     from cladapt.precision import autocast, cpu_has_fast_bf16
-    from cladapt.train import evaluate as E
 
     model, tok, _ = load("smollm2-135m-instruct")
     out: dict[str, Any] = {"benchmark": "precision", "args": vars(args) | {"out": str(args.out)}, "command": " ".join(sys.argv),

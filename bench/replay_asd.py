@@ -5,7 +5,7 @@ For each *condition* (no replay; GeRe ``tm``; GeRe ``lf``; ASD without replay; m
 ``seq-lora`` so the second task can overwrite the first) and, right after each task, measures:
 
 * accuracy on the test rows of every task seen so far (strict exact match, constrained
-  log-likelihood over labels, format rate: ``cladapt.train.evaluate``);
+  log-likelihood over labels, format rate: ``cladapt.evaluation.scoring``);
 * general-text perplexity on held-out texts of ``shared/data/general-replay`` that replay never
   uses (C4 rows after the replay rows, and Wikipedia articles);
 * time: training runtime, extension time (ASD conversion / replay set-up) and evaluation time.
@@ -29,12 +29,13 @@ import argparse
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from cladapt.bench.cl_spec import sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CLADAPT_SHARED", ROOT.parent / "shared"))
@@ -102,15 +103,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def sample_file(src: Path, n: int, dst: Path, seed: int) -> Path:
-    lines = [x for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if n < len(lines):
-        lines = [lines[i] for i in sorted(random.Random(seed).sample(range(len(lines)), n))]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return dst
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         from cladapt.base_model import DEFAULT_BASE_MODEL
@@ -162,7 +154,7 @@ class Bench:
         self.results = stored or {"benchmark": "replay_asd", "settings": settings(self.args), "stages": {}}
 
     def save(self) -> None:
-        from cladapt.train.bench_cl import machine_info
+        from cladapt.bench.provenance import machine_info
 
         self.results.update(machine=machine_info(), command=" ".join([sys.executable, *sys.argv]),
                             base_model=self.base_model, data=str(SHARED / "data"))
@@ -175,18 +167,18 @@ class Bench:
 
     def files(self) -> dict[str, Path]:
         d = self.args.work / "data"
-        return {t: sample_file(self.data / t / "train.jsonl", self.args.train_rows, d / f"{t}.train.jsonl", self.args.seed)
+        return {t: sample_rows(self.data / t / "train.jsonl", self.args.train_rows, d / f"{t}.train.jsonl", seed=self.args.seed)
                 for t in self.tasks}
 
     def evalsets(self) -> dict[str, Any]:
-        from cladapt.train.evaluate import load_eval_set
+        from cladapt.evaluation.scoring import load_eval_set
 
         labels = {t: json.loads((self.data / "labels" / f"{t}.json").read_text()) for t in self.tasks}
         return {t: load_eval_set(self.data / t / "test.jsonl", task=t, labels=labels[t], limit=self.args.test_rows,
                                  seed=self.args.seed) for t in self.tasks}
 
     def measure(self, model: Any, tasks: list[str]) -> dict[str, Any]:
-        from cladapt.train.evaluate import evaluate, perplexity
+        from cladapt.evaluation.scoring import evaluate, perplexity
 
         tok = self.loaded[1]
         started = time.time()
@@ -248,8 +240,8 @@ class Bench:
             exts = [_timed(e, timing) for e in build_extensions(cfg, store)]
             measured: dict[str, Any] = {}
 
-            def after(ctx: Any, peft_model: Any, seen: list[str] = self.tasks[: k + 1], out: dict = measured) -> None:
-                out.update(self.measure(peft_model, seen))
+            def after(trained: Any, seen: list[str] = self.tasks[: k + 1], out: dict = measured) -> None:
+                out.update(self.measure(trained.model, seen))
 
             logger.info("[%s] training %s (%d/2)", name, task, k + 1)
             rec = train_task(store, task, [str(self.train_files[task])], cfg, extensions=exts,

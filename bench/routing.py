@@ -249,14 +249,14 @@ def cl(args: argparse.Namespace) -> dict[str, Any]:
     under routing sit beside ``lora`` (oracle) in the same results file.
     """
     from cladapt.base_model import load
+    from cladapt.bench.cl_spec import read_order
+    from cladapt.evaluation import metrics as M
+    from cladapt.evaluation.scoring import load_eval_set
     from cladapt.registry.store import Store
     from cladapt.route_eval import evaluate_routed
     from cladapt.serve.routers.accuracy import routing_accuracy
     from cladapt.serve.routers.session import RoutingSession
     from cladapt.serve.routers.state import router_config
-    from cladapt.train import metrics as M
-    from cladapt.train.bench_cl import read_order
-    from cladapt.train.evaluate import load_eval_set
 
     results = json.loads(args.results.read_text())
     lora = results["cells"]["lora"]

@@ -1,7 +1,7 @@
 """Measuring routers: routing accuracy on labelled requests, and task scores when the router chooses.
 
 This module joins the serving side (a :class:`~cladapt.serve.routers.session.RoutingSession`) with
-the training side's data loading and scoring (``cladapt.train.data``, ``cladapt.train.evaluate``),
+the training side's data loading and scoring (``cladapt.train.data``, ``cladapt.evaluation.scoring``),
 so, like ``cladapt.config``, it sits above both (layer 4); neither ``train/`` nor ``serve/`` imports it.
 It is the library behind ``cladapt route eval``, ``cladapt eval --router`` and ``bench/routing.py``.
 """
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from cladapt.serve.routers.base import Route
     from cladapt.serve.routers.session import RoutingSession
     from cladapt.train.data import Example
-    from cladapt.train.evaluate import EvalResult, EvalSet
+    from cladapt.evaluation.scoring import EvalResult, EvalSet
 
 
 @dataclass
@@ -155,11 +155,11 @@ def evaluate_routed(session: RoutingSession, evalset: EvalSet, routes: Sequence[
 
     Rows on one adapter are scored together with that adapter on; weighted (JARe) and summed rows
     in batches under :func:`~cladapt.serve.routers.jare.row_weights`; Arrow rows through PEFT's
-    Arrow model. ``kwargs`` go to :func:`cladapt.train.evaluate.evaluate` (mode, budget, precision).
+    Arrow model. ``kwargs`` go to :func:`cladapt.evaluation.scoring.evaluate` (mode, budget, precision).
     """
     from cladapt.features import adapter_on, adapters_off
     from cladapt.serve.routers.jare import applied, plan_of
-    from cladapt.train.evaluate import evaluate
+    from cladapt.evaluation.scoring import evaluate
 
     batch = int(kwargs.pop("batch_size", 16))
     parts: list[tuple[int, EvalResult]] = []
@@ -201,7 +201,7 @@ def evaluate_with_router(session: RoutingSession, rows: Sequence[LabelledPrompt]
     Returns a JSON-ready dict: ``tasks`` (task -> EvalResult JSON + routed-to counts), ``score``
     (row-weighted over tasks), ``routing`` (accuracy, confusion).
     """
-    from cladapt.train.evaluate import eval_set_from_examples
+    from cladapt.evaluation.scoring import eval_set_from_examples
 
     run = route_accuracy(session, rows)
     by_task: dict[str, list[int]] = {}

@@ -83,7 +83,7 @@ def test_zero3_refused_for_methods_that_need_whole_matrices(tmp_path: Path) -> N
 
     from cladapt.adapters import METHODS
     from cladapt.errors import CladaptError
-    from cladapt.train.run import check_zero3
+    from cladapt.train.trainer_setup import check_zero3
 
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))

@@ -34,9 +34,9 @@ def test_autocast_changes_matmul_dtype_only_when_asked() -> None:
 
 
 def test_evaluate_records_precision_and_keys_scores_apart(tiny_loaded) -> None:
-    from cladapt.train import evaluate as E
+    from cladapt import evaluation as E
+    from cladapt.evaluation.accuracy_matrix import score_key
     from cladapt.train.data import Example
-    from cladapt.train.matrix import score_key
 
     model, tok, _ = tiny_loaded
     rows = [Example([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": g}], "mem", i)
@@ -57,11 +57,11 @@ def test_training_under_bf16_keeps_fp32_adapter(tmp_path: Path, tiny_base_path: 
     from safetensors import safe_open
 
     from cladapt.config import load_config
-    from cladapt.train.run import _training_args
+    from cladapt.train.trainer_setup import training_arguments
 
     cfg = load_config(overrides=["train.mixed_precision=bf16"])[0]
-    assert _training_args(cfg, tmp_path / "o", steps_per_epoch=1).bf16
-    assert not _training_args(load_config()[0], tmp_path / "o", steps_per_epoch=1).bf16
+    assert training_arguments(cfg, tmp_path / "o", steps_per_epoch=1).bf16
+    assert not training_arguments(load_config()[0], tmp_path / "o", steps_per_epoch=1).bf16
     reg = tmp_path / "reg"
     cli_run("registry", "init", reg)
     cli_run("train", "--registry", reg, "--task", "sentiment", "--data", two_tasks["sentiment"],

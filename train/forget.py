@@ -17,7 +17,6 @@ manifest's ``data`` field describes the retain set).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from cladapt.base_model import BaseModelInfo
     from cladapt.config import RunConfig
     from cladapt.registry.store import Store, VersionRecord
+    from cladapt.train.evaluation_hooks import AfterTrain
 
 
 def class_name(ex: Example) -> str:
@@ -88,7 +88,7 @@ def forget_task(
     *,
     resume: bool = False,
     loaded: tuple[Any, Any, BaseModelInfo] | None = None,
-    after_train: Callable[[RunContext, Any], None] | None = None,
+    after_train: AfterTrain | None = None,
 ) -> VersionRecord:
     """Train a forgetting adapter that removes ``forget_files``' knowledge while keeping ``retain_files``'.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,22 +33,25 @@ from cladapt.base_model import BaseModelInfo, check_compatible
 from cladapt.base_model import load as load_base
 from cladapt.config import check_lora_fits
 from cladapt.errors import CladaptError
-from cladapt.precision import resolve as resolve_precision
+from cladapt.evaluation.gate import Admission
+from cladapt.evaluation.history_eval import TrainedModel
 from cladapt.registry.refs import validate_task_name
 from cladapt.train import quantization
-from cladapt.train.chat import encode_all
 from cladapt.train.checkpoint_state import check_resumable
 from cladapt.train.data import Example, LoadedData, load_examples
 from cladapt.train.distributed import commit_once, on_main, require_deepspeed, start
 from cladapt.train.history import StoreHistory
 from cladapt.train.loop import CLTrainer
+from cladapt.train.progress import use_training_progress
 from cladapt.train.signatures import signature_sidecars
+from cladapt.train.trainer_setup import check_zero3, encoded_rows, latest_complete_checkpoint, training_arguments
 from cladapt.train.vision_encode import collator_for
 from cladapt.vision import scope_targets
 
 if TYPE_CHECKING:
     from cladapt.config import RunConfig
     from cladapt.registry.store import Store, VersionRecord
+    from cladapt.train.evaluation_hooks import AfterTrain, Evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +77,6 @@ class RunContext:
     train_sampler: Callable[[list[dict[str, Any]]], Any] | None = None
     sidecars: Sidecars = field(default_factory=Sidecars)
     manifest_extra: dict[str, Any] = field(default_factory=dict)
-    #: set by ``after_train`` hooks (the admission gate): the status the version is committed with
-    commit_status: str = "active"
-    commit_reason: str = "trained"
     #: extra inputs handed to the plugins' ``TaskSpec.extra`` (e.g. a forgetting method's paired
     #: forget-set loader, set by ``train.forget``)
     task_extra: dict[str, Any] = field(default_factory=dict)
@@ -104,99 +103,6 @@ def sequence_position(store: Store, base: BaseModelInfo) -> int:
 def run_key(task: str, data_sha: str, cfg: RunConfig) -> str:
     blob = json.dumps({"task": task, "data": data_sha, "config": cfg.model_dump(mode="json")}, sort_keys=True)
     return f"{task}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def check_zero3(cfg: RunConfig, method_cls: type[CLMethod]) -> None:
-    """Refuse DeepSpeed ZeRO-3 for methods that need whole parameter matrices (projections, masks)."""
-    if not cfg.train.deepspeed:
-        return
-    path = Path(cfg.train.deepspeed)
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CladaptError(f"cannot read the DeepSpeed config {path}: {exc}", hint="pass a JSON file") from exc
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3 and not method_cls.supports_zero3:
-        raise CladaptError(
-            f"method {cfg.method.name!r} needs whole LoRA matrices and cannot run sharded under ZeRO-3 ({path})",
-            hint="use ZeRO stage 2 (or no DeepSpeed) for this method",
-        )
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was fully written.
-
-    A run killed while saving leaves a checkpoint folder without ``trainer_state.json`` (the
-    Trainer writes it last); such folders are removed so resuming never reads a torn checkpoint.
-    """
-    complete: list[tuple[int, Path]] = []
-    for ckpt in run_dir.glob("checkpoint-*"):
-        step = ckpt.name.rsplit("-", 1)[-1]
-        if not step.isdigit():
-            continue
-        if _readable_json(ckpt / "trainer_state.json"):
-            complete.append((int(step), ckpt))
-        else:
-            logger.warning("Removing incomplete checkpoint %s (the run was interrupted while saving it)", ckpt)
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return max(complete)[1] if complete else None
-
-
-def _training_args(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
-    from transformers import TrainingArguments
-
-    t = cfg.train
-    precision = resolve_precision(t.mixed_precision)
-    return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=int(t.warmup_ratio * max(1, steps_per_epoch) * t.epochs),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        activation_checkpointing=t.gradient_checkpointing,
-        bf16=precision == "bf16" or (t.dtype == "bfloat16" and torch.cuda.is_available()),
-        fp16=precision == "fp16",
-        deepspeed=t.deepspeed,
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
-def _encoded_rows(ctx: RunContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    t = ctx.config.train
-    encoded, stats = encode_all(ctx.tokenizer, ctx.examples, max_length=t.max_length, overlong=t.overlong)
-    rows = [
-        {"input_ids": e.input_ids, "labels": e.labels, "sample_kind": 0, "row_index": i, **e.extra}
-        for i, e in enumerate(encoded)
-    ]
-    return rows + ctx.rows_extra, stats
-
-
-#: scores a freshly trained version: (run context, PEFT model) -> the evaluation row
-#: (:class:`cladapt.train.history_eval.HistoryEvaluator` is the standard one)
-Evaluator = Callable[["RunContext", Any], dict[str, Any]]
 
 
 def train_from_config(
@@ -233,9 +139,8 @@ def train_from_config(
     Raises:
         DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
     """
-    from cladapt.train.continual import continual_extension
+    from cladapt.train.evaluation_hooks import after_train_for, continual_extension
     from cladapt.train.extensions import build_extensions
-    from cladapt.train.gate import load_policy, make_after_train, record_row
 
     start()  # under torchrun / accelerate launch: join the other processes (no-op otherwise)
     forgetting = METHODS.get(cfg.method.name).forgetting
@@ -252,59 +157,34 @@ def train_from_config(
     continual = continual_extension(store, cfg, task, eval_data)
     if continual is not None:
         extensions.append(continual)
-    after_train: Callable[[RunContext, Any], None] | None = None
-    if evaluator is None and not forgetting:
-        after_train = make_after_train(store, cfg, task, eval_data)
-    else:
-        if evaluator is None and (cfg.eval.on_history or eval_data):
-            from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
-
-            evaluator = HistoryEvaluator(store, cfg, task, eval_data, EvalOptions.from_config(cfg))
-        # a forgetting version is meant to lose a task: the gate's max_drop would reject every success
-        policy = None if forgetting else load_policy(store)
-        if evaluator is not None:
-            scorer = evaluator
-
-            def after_train(ctx: RunContext, peft_model: Any) -> None:
-                record_row(ctx, scorer(ctx, peft_model), policy, store)
-
+    after_train = after_train_for(store, cfg, task, eval_data, evaluator=evaluator, forgetting=forgetting)
     return train_task(store, task, data, cfg, resume=resume, extensions=extensions, after_train=after_train,
                       loaded=loaded, forgetting=forgetting, callbacks=callbacks)
 
 
-def train_task(
-    store: Store,
-    task: str,
-    data_files: list[str],
-    cfg: RunConfig,
-    *,
-    resume: bool = False,
-    extensions: list[RunExtension] | None = None,
-    after_train: Callable[[RunContext, Any], None] | None = None,
-    loaded: tuple[Any, Any, BaseModelInfo] | None = None,
-    forgetting: bool = False,
-    callbacks: list[Any] | None = None,
-) -> VersionRecord:
-    """Train one task version with exactly the given hooks and commit it to ``store``.
+@dataclass
+class _Prepared:
+    """A run once its inputs are checked and encoded: nothing trained, nothing written yet."""
 
-    The core of :func:`train_from_config`, which applies the config's extensions, evaluation and
-    gate; call this directly only to compose those hooks differently (tests, timing benchmarks).
+    ctx: RunContext
+    data: LoadedData
+    method: CLMethod
+    history: StoreHistory
+    frozen: list[dict[str, Any]]  # factors of the earlier summed adapters, folded into the base
+    lora_config: Any
+    rows: list[dict[str, Any]]
+    stats: dict[str, Any]
+    seed: int
+    started: float
 
-    Args:
-        extensions: run extensions (ASD, replay) applied in order before encoding.
-        after_train: called with (context, peft model) after training, before staging; evaluation
-            uses it to score the new version and record metrics.
-        loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
-        forgetting: True only for a forgetting request (forget set in ``extensions``): forgetting
-            methods (``forgetting`` capability) are trained so, every other method without it.
-        callbacks: extra ``transformers.TrainerCallback`` objects (benchmarks' step timers, curves).
 
-    Raises:
-        DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
-    """
+def _load_checked(
+    store: Store, task: str, data_files: list[str], cfg: RunConfig, loaded: tuple[Any, Any, BaseModelInfo] | None,
+    forgetting: bool,
+) -> tuple[RunContext, LoadedData, CLMethod, Any]:
+    """Data, base model and method, with every check that can fail before training (cheapest first)."""
     validate_task_name(task)
     data: LoadedData = load_examples(data_files)
-    started = time.time()
     quant = None if loaded is not None else quantization.load_options(cfg.train.quantization, cfg.train.dtype)
     model, tokenizer, base = (
         loaded if loaded is not None else load_base(cfg.base_model, dtype=cfg.train.dtype, quantization=quant)
@@ -323,90 +203,148 @@ def train_task(
     check_zero3(cfg, method_cls)
     if cfg.train.deepspeed:
         require_deepspeed(cfg.train.deepspeed)
-    history = StoreHistory(store, base_fingerprint=base.fingerprint, current_task=task)
     ctx = RunContext(store, task, cfg, model, tokenizer, base, list(data.examples))
-    for extend in extensions or []:
-        extend(ctx)
-    rows, stats = _encoded_rows(ctx)
+    return ctx, data, method, lora_config
 
+
+def _prepare(
+    store: Store, task: str, data_files: list[str], cfg: RunConfig, *, extensions: list[RunExtension],
+    loaded: tuple[Any, Any, BaseModelInfo] | None, forgetting: bool,
+) -> _Prepared:
+    """Check, extend (ASD, replay, forget set), encode, and fix the run's seed and folded history."""
+    started = time.time()
+    ctx, data, method, lora_config = _load_checked(store, task, data_files, cfg, loaded, forgetting)
+    history = StoreHistory(store, base_fingerprint=ctx.base.fingerprint, current_task=task)
+    for extend in extensions:
+        extend(ctx)
+    rows, stats = encoded_rows(ctx)
     summed = method.summed_history(history)
     frozen = [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in summed]
     for e in summed:
-        check_compatible(store.get(e.ref).manifest.base_model, base, what=f"adapter {e.ref}")
+        check_compatible(store.get(e.ref).manifest.base_model, ctx.base, what=f"adapter {e.ref}")
     _note_other_bases(ctx, method, history)
-
-    from peft import get_peft_model
-
     # a fresh random A per task and place in the sequence (PEFT's init draws from the global RNG);
     # methods that draw their own init (OWLoRA) get the same seed through TaskSpec.seed
-    position = sequence_position(store, base)
+    position = sequence_position(store, ctx.base)
     seed = init_seed(cfg.train.seed, task, position)
-    ctx.manifest_extra.setdefault("train_stats", {}).update(
-        init_seed=seed, sequence_position=position, train_rows=len(rows), extra_rows=len(ctx.rows_extra)
-    )
     torch.manual_seed(seed)
     quantized = quantization.prepare_run(
-        model, kind=cfg.train.quantization, dtype=cfg.train.dtype, folded_versions=len(frozen),
+        ctx.model, kind=cfg.train.quantization, dtype=cfg.train.dtype, folded_versions=len(frozen),
         gradient_checkpointing=cfg.train.gradient_checkpointing, method=cfg.method.name,
     )
     world = distributed.world_size()  # train.batch_size is per process: the optimizer sees world x more rows
-    ctx.manifest_extra["train_stats"].update(
+    ctx.manifest_extra.setdefault("train_stats", {}).update(
+        init_seed=seed, sequence_position=position, train_rows=len(rows), extra_rows=len(ctx.rows_extra),
         processes=world, global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
         **({"quantization": quantized} if quantized else {}),
     )
-    peft_model = get_peft_model(model, lora_config, adapter_name=TRAIN_ADAPTER)
-    collate = collator_for(tokenizer)
-    loader = torch.utils.data.DataLoader(rows[: len(data.examples)], batch_size=cfg.train.batch_size, collate_fn=collate)
-    spec = TaskSpec(name=task, rows=len(data.examples), seed=seed, dataloader=loader, extra=ctx.task_extra)
-    plugins: list[TrainingPlugin] = [method, *ctx.plugins]
+    return _Prepared(ctx, data, method, history, frozen, lora_config, rows, stats, seed, started)
+
+
+def _trainer(p: _Prepared, peft_model: Any, run_dir: Path, plugins: list[TrainingPlugin], callbacks: list[Any]) -> Any:
+    import datasets
+
+    cfg = p.ctx.config
+    world = distributed.world_size()
+    steps_per_epoch = max(1, len(p.rows) // (cfg.train.batch_size * cfg.train.grad_accum * world))
+    trainer = CLTrainer(
+        model=peft_model,
+        args=training_arguments(cfg, run_dir, steps_per_epoch=steps_per_epoch),
+        train_dataset=datasets.Dataset.from_list(p.rows),
+        data_collator=collator_for(p.ctx.tokenizer),
+        plugins=plugins,
+        train_sampler=p.ctx.train_sampler(p.rows) if p.ctx.train_sampler is not None else None,
+        loss_logits=cfg.train.loss_logits,
+        group_by_length=cfg.train.group_by_length,
+        length_window=cfg.train.length_window,
+        callbacks=callbacks,
+    )
+    use_training_progress(trainer)  # rounded, named log lines instead of the Trainer's raw dicts
+    return trainer
+
+
+def _fit(
+    p: _Prepared, peft_model: Any, run_dir: Path, *, resume: bool, callbacks: list[Any], after_train: AfterTrain | None,
+) -> tuple[Any, Sidecars, Admission | None]:
+    """Train with the earlier summed adapters folded in; finalize the plugins; evaluate and gate."""
+    ctx, cfg = p.ctx, p.ctx.config
+    loader = torch.utils.data.DataLoader(p.rows[: len(p.data.examples)], batch_size=cfg.train.batch_size,
+                                         collate_fn=collator_for(ctx.tokenizer))
+    spec = TaskSpec(name=ctx.task, rows=len(p.data.examples), seed=p.seed, dataloader=loader, extra=ctx.task_extra)
+    plugins: list[TrainingPlugin] = [p.method, *ctx.plugins]
+    admission: Admission | None = None
+    with folded(peft_model, p.frozen):
+        for plugin in plugins:
+            plugin.prepare(peft_model, spec, p.history)
+        trainable = sum(t.numel() for t in peft_model.parameters() if t.requires_grad)
+        logger.info(
+            "Training %s with %s: %d rows (+%d extra), %d trainable parameters, %d earlier adapters folded",
+            ctx.task, cfg.method.name, len(p.data.examples), len(ctx.rows_extra), trainable, len(p.frozen),
+        )
+        trainer = _trainer(p, peft_model, run_dir, plugins, callbacks)
+        checkpoint = latest_complete_checkpoint(run_dir) if resume else None
+        check_resumable(checkpoint, deepspeed=cfg.train.deepspeed)
+        if resume:
+            logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        sidecars = Sidecars()
+        for plugin in plugins:
+            sidecars.merge(plugin.finalize(peft_model, spec))
+        sidecars.merge(ctx.sidecars)
+        if after_train is not None:  # evaluation and the gate: once, in process 0, on the model as trained
+            trained = TrainedModel(ctx.task, peft_model, ctx.tokenizer, ctx.base.fingerprint, p.history, p.frozen)
+            admission, _ = on_main(lambda: after_train(trained))
+    return result, sidecars, admission
+
+
+def train_task(
+    store: Store,
+    task: str,
+    data_files: list[str],
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    extensions: list[RunExtension] | None = None,
+    after_train: AfterTrain | None = None,
+    loaded: tuple[Any, Any, BaseModelInfo] | None = None,
+    forgetting: bool = False,
+    callbacks: list[Any] | None = None,
+) -> VersionRecord:
+    """Train one task version with exactly the given hooks and commit it to ``store``.
+
+    The core of :func:`train_from_config`, which applies the config's extensions, evaluation and
+    gate; call this directly only to compose those hooks differently (tests, timing benchmarks).
+
+    Args:
+        extensions: run extensions (ASD, replay) applied in order before encoding.
+        after_train: called with the :class:`~cladapt.evaluation.history_eval.TrainedModel` after
+            training, before staging; returns the version's :class:`~cladapt.evaluation.gate.Admission`
+            (status, reason, metrics) or None to commit it as trained.
+        loaded: an already-loaded (model, tokenizer, info) to reuse (tests, benchmarks).
+        forgetting: True only for a forgetting request (forget set in ``extensions``): forgetting
+            methods (``forgetting`` capability) are trained so, every other method without it.
+        callbacks: extra ``transformers.TrainerCallback`` objects (benchmarks' step timers, curves).
+
+    Raises:
+        DataError, ConfigError, CapacityError, IncompatibleBaseModel: before anything is written.
+    """
+    p = _prepare(store, task, data_files, cfg, extensions=list(extensions or []), loaded=loaded, forgetting=forgetting)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(p.ctx.model, p.lora_config, adapter_name=TRAIN_ADAPTER)
     # a checkpoint folder of this run's own (two identical runs never share one); --resume takes
     # over a killed run's. Process 0 claims it, the others checkpoint into the same folder
-    run, run_path = on_main(lambda: store.claim_run(task, run_key(task, data.sha256, cfg), resume=resume),
+    run, run_path = on_main(lambda: store.claim_run(task, run_key(task, p.data.sha256, cfg), resume=resume),
                             publish=lambda r: str(r.path))
-    run_dir = Path(run_path)
     try:
-        with folded(peft_model, frozen):
-            for p in plugins:
-                p.prepare(peft_model, spec, history)
-            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            logger.info(
-                "Training %s with %s: %d rows (+%d extra), %d trainable parameters, %d earlier adapters folded",
-                task, cfg.method.name, len(data.examples), len(ctx.rows_extra), trainable, len(frozen),
-            )
-            import datasets
-
-            train_ds = datasets.Dataset.from_list(rows)
-            steps_per_epoch = max(1, len(rows) // (cfg.train.batch_size * cfg.train.grad_accum * world))
-            trainer = CLTrainer(
-                model=peft_model,
-                args=_training_args(cfg, run_dir, steps_per_epoch=steps_per_epoch),
-                train_dataset=train_ds,
-                data_collator=collate,
-                plugins=plugins,
-                train_sampler=ctx.train_sampler(rows) if ctx.train_sampler is not None else None,
-                loss_logits=cfg.train.loss_logits,
-                group_by_length=cfg.train.group_by_length,
-                length_window=cfg.train.length_window,
-                callbacks=list(callbacks or []),
-            )
-            checkpoint = latest_complete_checkpoint(run_dir) if resume else None
-            check_resumable(checkpoint, deepspeed=cfg.train.deepspeed)
-            if resume:
-                logger.info("Resuming from %s", checkpoint or "the start (no complete checkpoint)")
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            sidecars = Sidecars()
-            for p in plugins:
-                sidecars.merge(p.finalize(peft_model, spec))
-            sidecars.merge(ctx.sidecars)
-            if after_train is not None:  # evaluation and the gate: once, in process 0
-                on_main(lambda: after_train(ctx, peft_model))
+        result, sidecars, admission = _fit(p, peft_model, Path(run_path), resume=resume, callbacks=list(callbacks or []),
+                                           after_train=after_train)
         # the routing signature sees the adapter alone on the unmodified base (earlier summed adapters
         # unfolded again), exactly as a router embeds a query with one candidate's adapter
-        on_main(lambda: sidecars.merge(signature_sidecars(peft_model, tokenizer, data.examples, adapter=TRAIN_ADAPTER,
-                                                          seed=cfg.train.seed, base=base)))
+        on_main(lambda: sidecars.merge(signature_sidecars(peft_model, p.ctx.tokenizer, p.data.examples,
+                                                          adapter=TRAIN_ADAPTER, seed=cfg.train.seed, base=p.ctx.base)))
         # one registry write per run: process 0 commits, the others read the version it committed
-        record = commit_once(store, lambda: _commit(store, ctx, method, history, peft_model, sidecars, data, stats,
-                                                    result, started))
+        record = commit_once(store, lambda: _commit(store, p, peft_model, sidecars, result, admission))
         if run is not None:  # committed: the checkpoints are no longer needed for --resume
             run.finish()
     except BaseException:
@@ -441,18 +379,10 @@ def _note_other_bases(ctx: RunContext, method: CLMethod, history: StoreHistory) 
 
 
 def _commit(
-    store: Store,
-    ctx: RunContext,
-    method: CLMethod,
-    history: StoreHistory,
-    peft_model: Any,
-    sidecars: Sidecars,
-    data: LoadedData,
-    stats: dict[str, Any],
-    result: Any,
-    started: float,
+    store: Store, p: _Prepared, peft_model: Any, sidecars: Sidecars, result: Any, admission: Admission | None
 ) -> VersionRecord:
-    cfg = ctx.config
+    ctx, cfg, data = p.ctx, p.ctx.config, p.data
+    admission = admission or Admission()
     with store.stage(ctx.task) as staging:
         peft_model.save_pretrained(str(staging.adapter_dir), selected_adapters=[TRAIN_ADAPTER])
         # PEFT writes adapters other than "default" into a subfolder; ours is "default"
@@ -463,20 +393,21 @@ def _commit(
         staging.manifest_fields.update(
             method=cfg.method.name,
             method_config=cfg.method.model_dump(mode="json"),
-            composition=method.composition,
+            composition=p.method.composition,
             base_model=ctx.base.as_dict(),
             lora=cfg.lora.model_dump(mode="json"),
-            data={"files": [str(Path(f).resolve()) for f in data.files], "sha256": data.sha256, "rows": len(data.examples), **stats},
+            data={"files": [str(Path(f).resolve()) for f in data.files], "sha256": data.sha256, "rows": len(data.examples),
+                  **p.stats},
             config=cfg.model_dump(mode="json"),
             seed=cfg.train.seed,
-            parents=method.parents(history),
+            parents=p.method.parents(p.history),
             train_stats={
                 "steps": int(result.global_step),
                 "train_loss": round(float(result.training_loss), 6),
-                "wall_seconds": round(time.time() - started, 2),
+                "wall_seconds": round(time.time() - p.started, 2),
                 **{k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
                 **ctx.manifest_extra.get("train_stats", {}),
             },
-            metrics={**sidecars.metrics, **ctx.manifest_extra.get("metrics", {})},
+            metrics={**sidecars.metrics, **ctx.manifest_extra.get("metrics", {}), **admission.metrics},
         )
-        return store.commit(staging, status=ctx.commit_status, reason=ctx.commit_reason)
+        return store.commit(staging, status=admission.status, reason=admission.reason)

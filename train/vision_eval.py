@@ -1,6 +1,6 @@
 """Constrained scoring on vision-language bases: ``log p(label | image + prompt)`` with the model's own positions.
 
-The text path (``cladapt.train.evaluate.label_logprobs``) packs every label behind one prompt
+The text path (``cladapt.evaluation.label_scores.label_logprobs``) packs every label behind one prompt
 with a tree attention mask and explicit ``position_ids``, or reuses a KV cache. Neither fits
 every VLM: Qwen2-VL computes 3-D rotary positions from the image grid inside its forward, and
 pixel inputs cannot be split from their prompt. Here each row's prompt (its images processed

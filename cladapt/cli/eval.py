@@ -70,8 +70,8 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
         return
     from cladapt.adapters.loading import attach, attach_sum
     from cladapt.base_model import DEFAULT_BASE_MODEL, load
-    from cladapt.train.evaluate import evaluate, load_eval_set, rule
-    from cladapt.train.history_eval import LogProgress
+    from cladapt.evaluation.progress import EvalProgress
+    from cladapt.evaluation.scoring import evaluate, load_eval_set, rule
 
     if adapter and compose:
         raise click.UsageError("--adapter and --compose are alternatives")
@@ -94,9 +94,9 @@ def eval_cmd(registry: Path | None, adapter: str | None, compose: str | None, da
         elif compose and store is not None:
             model, refs = attach_sum(model, store, info, Path(scratch) / "sum")
             plan = {"composition": "sum", "refs": refs}
-        progress = LogProgress(es.task, len(es.examples) * (2 if mode == "both" else 1))
-        res = evaluate(model, tok, es, mode=mode, max_new_tokens=budget, batch_size=batch_size,  # type: ignore[arg-type]
-                       progress=progress, precision=mixed_precision)
+        with EvalProgress().bar(es.task, len(es.examples) * (2 if mode == "both" else 1)) as progress:
+            res = evaluate(model, tok, es, mode=mode, max_new_tokens=budget, batch_size=batch_size,  # type: ignore[arg-type]
+                           progress=progress, precision=mixed_precision)
     payload = {**res.to_json(), "plan": plan, "rule": rule(budget or "auto: longest label + 4"), "base_fingerprint": info.fingerprint}
     target = plan["refs"][-1] if plan["refs"] else None
     if record and store is not None and target:
@@ -153,7 +153,7 @@ def history_cmd(registry: Path | None, show_all: bool, as_json: bool) -> None:
 
     Rows are the newest non-rejected version of every task, in commit order; scores in %.
     """
-    from cladapt.train.matrix import recorded_rows, square
+    from cladapt.evaluation.accuracy_matrix import recorded_rows, square
 
     store = open_store(registry)
     rows = recorded_rows(store)
@@ -211,7 +211,7 @@ def gate_set(registry: Path | None, max_drop: float | None, max_ppl_rise: str | 
     from pydantic import ValidationError
 
     from cladapt.errors import ConfigError, Issue
-    from cladapt.train.gate import GatePolicy, load_policy, save_policy
+    from cladapt.evaluation.gate import GatePolicy, load_policy, save_policy
 
     store = open_store(registry)
     current = load_policy(store)
@@ -233,7 +233,7 @@ def gate_set(registry: Path | None, max_drop: float | None, max_ppl_rise: str | 
 @click.option("--json", "as_json", is_flag=True)
 def gate_show(registry: Path | None, as_json: bool) -> None:
     """Print the current policy."""
-    from cladapt.train.gate import load_policy
+    from cladapt.evaluation.gate import load_policy
 
     policy = load_policy(open_store(registry))
     if as_json:
@@ -246,7 +246,7 @@ def gate_show(registry: Path | None, as_json: bool) -> None:
 @registry_option
 def gate_clear(registry: Path | None) -> None:
     """Remove the policy: every new version becomes active."""
-    from cladapt.train.gate import save_policy
+    from cladapt.evaluation.gate import save_policy
 
     save_policy(open_store(registry), None, actor=_actor())
     console.print("gate cleared: new versions are admitted without checks")
@@ -270,7 +270,7 @@ def _show_policy(policy: Any) -> None:
 @click.option("--reason", default="", help="recorded in the audit log")
 def promote_cmd(ref: str, registry: Path | None, reason: str) -> None:
     """Make REF (task@N) the active version of its task, even if the gate rejected it (audited)."""
-    from cladapt.train.gate import promote
+    from cladapt.registry.lifecycle import promote
 
     rec = promote(open_store(registry), ref, actor=_actor(), reason=reason)
     console.print(f"[bold]{rec.task}@{rec.version}[/] is now [green]{rec.status}[/]")
@@ -282,7 +282,7 @@ def promote_cmd(ref: str, registry: Path | None, reason: str) -> None:
 @click.option("--reason", default="", help="recorded in the audit log")
 def rollback_cmd(task: str, registry: Path | None, reason: str) -> None:
     """Re-activate TASK's previous non-rejected version; the current one is marked rejected (audited)."""
-    from cladapt.train.gate import rollback
+    from cladapt.registry.lifecycle import rollback
 
     store = open_store(registry)
     old = store.active(task)
@@ -319,7 +319,7 @@ def log_cmd(registry: Path | None, task: str | None, limit: int, as_json: bool) 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output folder")
 def report_cmd(registry: Path | None, out: Path) -> None:
     """Write an HTML report (accuracy heatmap, curves, forgetting split, gate decisions) into OUT."""
-    from cladapt.train.report import registry_report_data, write_report
+    from cladapt.evaluation.report import registry_report_data, write_report
 
     path = write_report(registry_report_data(open_store(registry)), out)
     console.print(f"report written: {path}")
@@ -369,9 +369,12 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
     olora+gere-lf (with --replay-data), inc-lora+asd+gere-tm. Each cell runs in its own process.
     Resumable: finished (order, method) cells and finished tasks inside a cell are reused.
     """
+    import shlex
+    import sys
     from dataclasses import replace
 
-    from cladapt.train.bench_cl import PROFILES, BenchSpec, lora_label, run_bench
+    from cladapt.bench.cl import run_bench
+    from cladapt.bench.cl_spec import PROFILES, BenchSpec, lora_label
 
     if configs:
         raise click.UsageError("bench cl takes --set overrides only (the profile is the config)")
@@ -382,7 +385,7 @@ def bench_cl(data_dir: Path, order: str, profile: str, methods: str, out: Path, 
         prof = replace(prof, max_new_tokens=max_new_tokens)
     spec = BenchSpec(data_dir, order, prof, [m.strip() for m in methods.split(",") if m.strip()], out,
                      base_model=base_model, overrides=list(overrides), fresh=fresh, work=work_dir,
-                     ppl_files=list(ppl_data), ppl_samples=ppl_samples, replay_data=replay_data)
+                     ppl_files=list(ppl_data), ppl_samples=ppl_samples, replay_data=replay_data, command=shlex.join(sys.argv))
     path = run_bench(spec)
     results = json.loads(path.read_text())
     table = Table("method", "LoRA", "AA", "LA", "BWT", "FWT", "FM", "AA (constrained)", "ppl (base)", "train s", "eval s",

@@ -132,7 +132,7 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert bad.exit_code == 1 and "measured with other settings (lora.r)" in bad.output and "--fresh" in bad.output
     from cladapt.config import load_config
     from cladapt.registry.store import Store
-    from cladapt.train.bench_cl import config_changes
+    from cladapt.bench.cl_spec import config_changes
 
     store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "inc-lora")
     cfg = load_config(method="inc-lora", overrides=["lora.r=4"])[0]
@@ -143,7 +143,7 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
 
 def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
     from cladapt.errors import ConfigError
-    from cladapt.train.bench_cl import EQUAL_BUDGET, parse_cell
+    from cladapt.bench.cl_spec import EQUAL_BUDGET, parse_cell
 
     assert parse_cell("seq-lora") == ("seq-lora", EQUAL_BUDGET)
     assert parse_cell("olora+asd") == ("olora", [*EQUAL_BUDGET, "asd.enabled=true"])
@@ -186,10 +186,10 @@ def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
 
 
 def test_bench_cl_equal_budgets_and_the_labelled_preset_variant(tmp_path) -> None:
-    from cladapt.train.bench_cl import PROFILES, BenchSpec, _cfg, lora_label
+    from cladapt.bench.cl_spec import PROFILES, BenchSpec, cell_config, lora_label
 
     spec = BenchSpec(tmp_path, "o1", PROFILES["small"], [], tmp_path)
-    shapes = {cell: _cfg(spec, cell).lora for cell in ("seq-lora", "olora", "inflora", "owlora", "reglora", "reglora+preset")}
+    shapes = {cell: cell_config(spec, cell).lora for cell in ("seq-lora", "olora", "inflora", "owlora", "reglora", "reglora+preset")}
     # every method at q,v r 8; RegLoRA's SEFE preset (all linear layers) only as the +preset variant
     assert {lora_label(s.model_dump()) for c, s in shapes.items() if c != "reglora+preset"} == {"q,v r8"}
     assert lora_label(shapes["reglora+preset"].model_dump()) == "q,k,v,o,gate,up,down r8"

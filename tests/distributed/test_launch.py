@@ -71,7 +71,7 @@ def test_deepspeed_presets_resolve_to_bundled_json(tmp_path: Path) -> None:
 def test_zero3_refused_for_whole_matrix_methods_and_allowed_for_lora() -> None:
     from cladapt.adapters import METHODS
     from cladapt.config import load_config
-    from cladapt.train.run import check_zero3
+    from cladapt.train.trainer_setup import check_zero3
 
     for method, allowed in (("inflora", False), ("reglora", False), ("lora", True)):
         cfg, _ = load_config(method=method, overrides=[f"train.deepspeed={D.deepspeed_config('zero3')}"])

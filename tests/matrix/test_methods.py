@@ -69,10 +69,10 @@ def trained(request: pytest.FixtureRequest, tiny_base_path: Path, tmp_path_facto
     loaded = load(str(tiny_base_path))
     seen: list[torch.Tensor] = []
 
-    def capture(_ctx: Any, peft_model: Any) -> None:
+    def capture(trained: Any) -> None:
         # the model as training left it: earlier summed adapters folded, the new one finalized
-        seen.append(_logits(peft_model, loaded[1]))
-        peft_model.train()
+        seen.append(_logits(trained.model, loaded[1]))
+        trained.model.train()
 
     if METHODS.get(method).forgetting:
         first = forget_task(store, "forget-topics", [data["topics"]], [data["sentiment"]], cfg, loaded=loaded)

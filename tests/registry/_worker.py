@@ -65,11 +65,11 @@ def other(op: str, root: str, arg: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     store = Store.open(root)
     if op == "--promote":
-        from cladapt.train.gate import promote
+        from cladapt.registry.lifecycle import promote
 
         promote(store, arg, reason="worker")
     elif op == "--rollback":
-        from cladapt.train.gate import rollback
+        from cladapt.registry.lifecycle import rollback
 
         rollback(store, arg, reason="worker")
     elif op == "--rm":

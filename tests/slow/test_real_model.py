@@ -60,7 +60,7 @@ def test_packed_constrained_scoring_matches_cached_on_default_model() -> None:
     from conftest import CL_BENCHMARK
 
     from cladapt.base_model import load
-    from cladapt.train import evaluate as E
+    from cladapt import evaluation as E
 
     if not (CL_BENCHMARK / "dbpedia" / "test.jsonl").is_file():
         pytest.skip("the CL benchmark data is not beside the project")

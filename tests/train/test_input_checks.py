@@ -84,7 +84,7 @@ def test_cli_errors_name_the_key(tmp_path: Path, tiny_base_path: Path, two_tasks
 
 
 def test_eval_set_limit_is_checked(two_tasks: dict[str, Path]) -> None:
-    from cladapt.train.evaluate import load_eval_set
+    from cladapt.evaluation.scoring import load_eval_set
 
     with pytest.raises(ConfigError, match="limit: must be a positive number of rows, got -3"):
         load_eval_set(two_tasks["sentiment"], limit=-3)

@@ -63,9 +63,9 @@ def trained(request: pytest.FixtureRequest, vlm_paths: dict[str, Path], tmp_path
     prompt = load_examples([data["shape"]]).examples[1].prompt_messages
     seen: list[torch.Tensor] = []
 
-    def capture(_ctx: Any, peft_model: Any) -> None:
-        seen.append(image_logits(peft_model, loaded[1], prompt))
-        peft_model.train()
+    def capture(trained: Any) -> None:
+        seen.append(image_logits(trained.model, loaded[1], prompt))
+        trained.model.train()
 
     if METHODS.get(method).forgetting:
         first = forget_task(store, "forget-shape", [data["shape"]], [data["colour"]], cfg, loaded=loaded)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cladapt.train import metrics as M
+from cladapt.evaluation import metrics as M
 
 if TYPE_CHECKING:
     from cladapt.registry.store import Store

@@ -11,26 +11,23 @@ The policy lives in the registry (``policy.json``, key ``"gate"``; every change 
 
 A version that fails is still committed, as ``rejected``, with the reasons in its manifest
 (``metrics["gate"]``) and in the audit log, so the decision can be inspected and overridden
-(``cladapt promote``). :func:`make_after_train` wires evaluation and gate into ``train_task``.
+(``cladapt promote``, :mod:`cladapt.registry.lifecycle`). :func:`admit` turns an evaluation row into
+the version's :class:`Admission`; ``cladapt.train.evaluation_hooks`` wires it into a run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cladapt.errors import ConfigError, DataError, Issue
+from cladapt.errors import ConfigError, Issue
+from cladapt.evaluation.accuracy_matrix import latest_score, recorded_rows, score_key
 
 if TYPE_CHECKING:
-    from cladapt.config import RunConfig
-    from cladapt.registry.manifest import VersionRecord
     from cladapt.registry.store import Store
-    from cladapt.train.run import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -162,119 +159,48 @@ def decide(
     return GateDecision(all(c.passed is not False for c in checks), checks)
 
 
-# ------------------------------------------------------------------ the after_train hook
+# ------------------------------------------------------------------ admission
 
 
-def make_after_train(
-    store: Store, cfg: RunConfig, task: str, eval_data: list[str] | None
-) -> Callable[[RunContext, Any], None] | None:
-    """The ``after_train`` hook for ``train_task``: evaluate, record the row, apply the gate.
+@dataclass(frozen=True)
+class Admission:
+    """What evaluation and the gate decide about a trained version: its commit status, the reason
+    (audited with the commit) and the manifest metrics (score, ppl, the evaluation row, the gate)."""
 
-    Evaluation runs when ``cfg.eval.on_history`` is set, when ``eval_data`` is given, or when a
-    gate policy is set (a gate with ``max_drop`` implies eval-on-history). Returns None when none
-    of these applies.
+    status: str = "active"
+    reason: str = "trained"
+    metrics: dict[str, Any] = field(default_factory=dict)
 
-    Raises:
-        ConfigError: the gate needs the new task's score but no eval data is given or recorded for it.
+
+def admit(
+    payload: dict[str, Any], policy: GatePolicy | None, store: Store, *, task: str, base_fingerprint: str
+) -> Admission:
+    """The manifest metrics of an evaluation row and, under ``policy``, the gate's decision on it.
+
+    Each earlier task is compared with its latest comparable recorded score on the same base.
     """
-    from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
-    from cladapt.train.matrix import eval_files
-
-    policy = load_policy(store)
-    options = EvalOptions.from_config(cfg)
-    if policy is not None and policy.max_drop is not None:
-        options.history = True
-    if policy is not None and policy.max_ppl_rise is not None and not options.ppl_files:
-        options.ppl_files = list(policy.ppl_data or [])
-    if not (options.history or eval_data or policy is not None):
-        return None
-    if eval_data:
-        from cladapt.train.data import load_examples
-
-        load_examples(eval_data)  # a bad eval file must fail now, not after training
-    gone = [f for f in options.ppl_files or [] if not Path(f).is_file()]
-    if gone:
-        raise DataError([Issue(f, "general-text file for perplexity not found") for f in gone],
-                        hint="fix eval.ppl_data, or `cladapt gate set --ppl-data FILE`")
-    if policy is not None and policy.min_score is not None and not eval_data and not eval_files(store, task):
-        raise ConfigError(
-            [Issue(f"task {task}", "the gate's min_score needs this task's held-out data, and none is recorded")],
-            hint=f"pass --eval-data FILE to `cladapt train --task {task}`",
-        )
-    evaluator = HistoryEvaluator(store, cfg, task, eval_data, options)
-
-    def after_train(ctx: RunContext, peft_model: Any) -> None:
-        payload = evaluator(ctx, peft_model)
-        record_row(ctx, payload, policy, store)
-
-    return after_train
-
-
-def record_row(ctx: RunContext, payload: dict[str, Any], policy: GatePolicy | None, store: Store) -> None:
-    """Put the row into the manifest's metrics and apply ``policy`` (setting the commit status)."""
-    from cladapt.train.matrix import latest_score, recorded_rows, score_key
-
-    metrics = ctx.manifest_extra.setdefault("metrics", {})
-    own = payload["scores"].get(ctx.task)
+    metrics: dict[str, Any] = {}
+    own = payload["scores"].get(task)
     if own is not None:
         metrics["score"] = own["score"]
     if payload.get("ppl"):
         metrics["ppl"] = payload["ppl"]["value"]
     metrics["eval"] = payload
     if policy is None:
-        return
-    rows = recorded_rows(store, base_fingerprint=ctx.base.fingerprint)
+        return Admission(metrics=metrics)
+    rows = recorded_rows(store, base_fingerprint=base_fingerprint)
     earlier: dict[str, tuple[float | None, float | None, str | None]] = {}
     for t, entry in payload["scores"].items():
-        if t == ctx.task:
+        if t == task:
             continue
         found = latest_score(rows, t, score_key(entry, payload["rule"], payload["mode"]))
         earlier[t] = (found[0] if found else None, entry.get("score"), found[1] if found else None)
     ppl = payload.get("ppl") or {}
-    decision = decide(policy, task=ctx.task, new_score=own["score"] if own else None, earlier=earlier,
+    decision = decide(policy, task=task, new_score=own["score"] if own else None, earlier=earlier,
                       ppl=ppl.get("value"), ppl_base=ppl.get("base"))
     metrics["gate"] = {**decision.to_json(), "policy": policy.model_dump(mode="json", exclude_none=True)}
     if decision.admitted:
-        ctx.commit_reason = "trained; gate passed"
         logger.info("gate: admitted (%d checks)", len(decision.checks))
-    else:
-        ctx.commit_status = "rejected"
-        ctx.commit_reason = "gate: " + "; ".join(decision.reasons)
-        logger.warning("gate: REJECTED: %s", "; ".join(decision.reasons))
-
-
-# ------------------------------------------------------------------ promote / rollback
-
-
-def promote(store: Store, ref: str, *, actor: str = "cladapt", reason: str = "") -> VersionRecord:
-    """Make ``ref`` the active version of its task (an operator override of the gate); audited."""
-    rec = store.get(ref)
-    return store.set_status(str(rec.ref), "active", reason or f"promoted (was {rec.status})", actor=actor)
-
-
-def rollback(store: Store, task: str, *, actor: str = "cladapt", reason: str = "") -> VersionRecord:
-    """Re-activate the newest non-rejected version older than the active one; the active one is rejected.
-
-    The previous version is activated first (so the task is never left without an active version),
-    then the rolled-back one is marked ``rejected``: it no longer serves as the gate's reference,
-    and a second rollback goes one version further back. Both changes are audited.
-
-    Raises:
-        NotFound: the task has no active version, or no earlier non-rejected one.
-    """
-    from cladapt.errors import NotFound
-
-    current = store.active(task)
-    if current is None:
-        raise NotFound(f"task {task!r} has no active version to roll back", hint=f"`cladapt promote {task}@N` activates one")
-    earlier = [r for r in store.list(task) if r.version < current.version and r.status != "rejected"]
-    if not earlier:
-        raise NotFound(
-            f"no earlier non-rejected version of {task!r} than {current.ref}",
-            hint=f"`cladapt log` shows its history; `cladapt promote {task}@N` activates a specific version",
-        )
-    prev = max(earlier, key=lambda r: r.version)
-    why = f": {reason}" if reason else ""
-    store.set_status(str(prev.ref), "active", f"rollback from {current.ref}{why}", actor=actor)
-    store.set_status(str(current.ref), "rejected", f"rolled back to {prev.ref}{why}", actor=actor)
-    return store.get(str(prev.ref))
+        return Admission("active", "trained; gate passed", metrics)
+    logger.warning("gate: REJECTED: %s", "; ".join(decision.reasons))
+    return Admission("rejected", "gate: " + "; ".join(decision.reasons), metrics)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cladapt.train import metrics as M
-from cladapt.train.report import forgetting_split, write_report
+from cladapt.evaluation import metrics as M
+from cladapt.evaluation.report import forgetting_split, write_report
 
 R = [[81.5, 12.0], [64.25, 77.0]]
 

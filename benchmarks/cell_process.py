@@ -5,12 +5,12 @@ every row; in one long-lived process the cells' memory adds up (~9 GB RSS after 
 on the default model) and one crash ends the whole benchmark. So the parent only prepares the data
 and merges results, and every cell runs in a fresh interpreter::
 
-    python -m cladapt.train.bench_child <request.json>
+    python -m cladapt.bench.cell_process <request.json>
 
 The request (JSON, written by :func:`run_in_child`) names the benchmark spec, the work (``train``:
 one cell; ``ppl``: general perplexity for finished cells), the baseline cache and where to write the
 result. The child calls the same library code as everything else
-(:func:`cladapt.train.bench_cl.run_cell` -> :func:`cladapt.train.run.train_from_config`) and
+(:func:`cladapt.bench.cl.run_cell` -> :func:`cladapt.train.run.train_from_config`) and
 writes ``{"status": "ok", "cells": {...}, "baseline_cache": {...}}`` or ``{"status": "failed",
 "error": ...}`` atomically; a child killed outright (out of memory) writes nothing, and the parent
 records the cell as failed with the exit code and goes on with the next cell.
@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cladapt.train.bench_cl import BenchSpec, Profile, work_dir
+from cladapt.bench.cl_spec import BenchSpec, Profile, work_dir
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def spec_from_json(raw: dict[str, Any]) -> BenchSpec:
     return BenchSpec(**{**raw, **paths, "profile": profile, "ppl_files": [Path(p) for p in raw.get("ppl_files") or []]})
 
 
-def run_in_child(spec: BenchSpec, kind: str, cells: list[str], cache: dict[str, Any], *, command: str) -> dict[str, Any]:
+def run_in_child(spec: BenchSpec, kind: str, cells: list[str], cache: dict[str, Any]) -> dict[str, Any]:
     """Run ``kind`` (``train``: one cell; ``ppl``: perplexity of finished cells) in a fresh process.
 
     Returns ``{cell: result}`` for every cell; a cell whose process failed or died gets
@@ -56,10 +56,10 @@ def run_in_child(spec: BenchSpec, kind: str, cells: list[str], cache: dict[str, 
     result.unlink(missing_ok=True)
     request.write_text(json.dumps({
         "spec": spec_to_json(spec), "kind": kind, "cells": cells, "baseline_cache": cache, "result": str(result),
-        "command": command, "log_level": logging.getLogger("cladapt").getEffectiveLevel(),
+        "log_level": logging.getLogger("cladapt").getEffectiveLevel(),
     }, indent=1))
     logger.info("%s of %s in a child process", kind, ", ".join(cells))
-    proc = subprocess.run([sys.executable, "-m", "cladapt.train.bench_child", str(request)], check=False)
+    proc = subprocess.run([sys.executable, "-m", "cladapt.bench.cell_process", str(request)], check=False)
     payload = json.loads(result.read_text()) if result.is_file() else None
     if payload is None or payload.get("status") != "ok":
         error = (payload or {}).get("error") or (
@@ -75,14 +75,16 @@ def _work(req: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from cladapt.base_model import load as load_base
-    from cladapt.train.bench_cl import _cfg, read_order, row_perplexities, run_cell
-    from cladapt.train.evaluate import load_eval_set, load_texts
+    from cladapt.bench.cl import row_perplexities, run_cell
+    from cladapt.bench.cl_spec import cell_config, read_order
+    from cladapt.evaluation.general_text import general_texts
+    from cladapt.evaluation.scoring import load_eval_set
 
     spec = spec_from_json(req["spec"])
     tasks, labels = read_order(spec.data_dir, spec.order)
     tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
-    texts = [t for f in spec.ppl_files for t in load_texts(f, limit=spec.ppl_samples)][: spec.ppl_samples]
-    first = _cfg(spec, req["cells"][0])
+    texts = general_texts(spec.ppl_files, spec.ppl_samples)
+    first = cell_config(spec, req["cells"][0])
     loaded = load_base(first.base_model, dtype=first.train.dtype, device="cuda" if torch.cuda.is_available() else None)
     cache = req["baseline_cache"]
     out: dict[str, Any] = {}
@@ -92,7 +94,7 @@ def _work(req: dict[str, Any]) -> dict[str, Any]:
             sets = {t: load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None,
                                      limit=spec.profile.test_rows) for t in tasks}
             cell = run_cell(spec, m, tasks, files, sets, loaded, cache)
-            cell["command"] = req["command"]
+            cell["command"] = spec.command
             if texts:
                 cell.update(row_perplexities(spec, m, loaded, texts))
         else:

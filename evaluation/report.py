@@ -231,7 +231,7 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
 def registry_report_data(store: Any) -> dict[str, Any]:
     """Report data of one registry: its square view, continual curves and gate decisions."""
     from cladapt.errors import NotFound
-    from cladapt.train.matrix import recorded_rows, square
+    from cladapt.evaluation.accuracy_matrix import recorded_rows, square
 
     rows = recorded_rows(store)
     view = square(rows)

@@ -11,7 +11,10 @@ with adapter ``default`` on IS the composed model that serving will use. Per com
 
 Besides ``R[t][.]`` the row records ``b[i]`` (base model, every adapter off; computed once per
 task and data file, then re-used), the model *before* this version on the new task (for FWT),
-and general perplexity. See :mod:`cladapt.train.matrix` for the row format.
+and general perplexity. See :mod:`cladapt.evaluation.accuracy_matrix` for the row format.
+
+The run hands over what it already holds (:class:`TrainedModel`: the model, its history, the factors
+it folded into the base), so nothing here rebuilds the method or re-reads earlier adapters.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +31,16 @@ import torch
 
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import TRAIN_ADAPTER
-from cladapt.adapters.compose import factors
-from cladapt.train import evaluate as E
-from cladapt.train.matrix import Row, cached_baseline, eval_files, recorded_rows, score_key
+from cladapt.evaluation import scoring as E
+from cladapt.evaluation.accuracy_matrix import Row, cached_baseline, eval_files, recorded_rows, score_key
+from cladapt.evaluation.general_text import general_texts, perplexity
+from cladapt.evaluation.progress import EvalProgress
+from cladapt.precision import resolve as resolve_precision
 
 if TYPE_CHECKING:
+    from cladapt.adapters.base import History
     from cladapt.config import RunConfig
     from cladapt.registry.store import Store
-    from cladapt.train.run import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +70,22 @@ class EvalOptions:
         )
 
 
-class LogProgress:
-    """A progress callback that logs ``task: done/total`` about every 25 %."""
+@dataclass
+class TrainedModel:
+    """A version as training leaves it, with what the run already holds about its history.
 
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self.next = label, max(1, total), 0, 0.25
+    ``model`` is the PEFT model with the training adapter active and, for ``sum`` methods, the
+    earlier adapters folded into its base weights (``folded`` holds their factors, so the base
+    model can be restored for baseline scores); ``history`` is the run's read-only view of the
+    earlier versions on this base.
+    """
 
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.done / self.total >= self.next or self.done >= self.total:
-            logger.info("  %s: %d/%d rows", self.label, min(self.done, self.total), self.total)
-            while self.next <= self.done / self.total:
-                self.next += 0.25
+    task: str
+    model: Any
+    tokenizer: Any
+    base_fingerprint: str
+    history: History
+    folded: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -149,6 +158,7 @@ class HistoryEvaluator:
         self.fixed_sets = sets
         self.composition = composition or METHODS.get(cfg.method.name).composition
         self.baseline_cache = baseline_cache
+        self._progress = EvalProgress()
 
     # -------------------------------------------------------------- which data
 
@@ -181,19 +191,14 @@ class HistoryEvaluator:
     # -------------------------------------------------------------- scoring
 
     def _score(self, model: Any, tokenizer: Any, es: E.EvalSet, budget: int, label: str) -> dict[str, Any]:
-        progress = LogProgress(f"{es.task} ({label})", len(es.examples) * (2 if self.options.mode == "both" else 1))
-        res = E.evaluate(model, tokenizer, es, mode=self.options.mode, max_new_tokens=budget,  # type: ignore[arg-type]
-                         batch_size=self.options.batch_size, progress=progress, precision=self.options.precision)
+        rows = len(es.examples) * (2 if self.options.mode == "both" else 1)
+        with self._progress.bar(f"{es.task} ({label})", rows) as advance:
+            res = E.evaluate(model, tokenizer, es, mode=self.options.mode, max_new_tokens=budget,  # type: ignore[arg-type]
+                             batch_size=self.options.batch_size, progress=advance, precision=self.options.precision)
+        logger.info("  %s (%s): %s %.2f on %d rows", es.task, label, res.metric, res.score, res.n)
         return res.to_json()
 
-    def _folded(self, ctx: RunContext) -> list[dict[str, Any]]:
-        from cladapt.train.history import StoreHistory
-
-        method = METHODS.get(self.cfg.method.name)(self.cfg.method, self.cfg.lora)
-        history = StoreHistory(self.store, base_fingerprint=ctx.base.fingerprint, current_task=self.task)
-        return [factors(history.adapter_state(e.ref), history.adapter_config(e.ref)) for e in method.summed_history(history)]
-
-    def _previous_ref(self, ctx: RunContext) -> str | None:
+    def _previous_ref(self, trained: TrainedModel) -> str | None:
         """The adapter that served this task before this version, on top of the (folded) base.
 
         ``route``: the task's active version. ``sum``: the task's active sum version when the task is
@@ -203,24 +208,20 @@ class HistoryEvaluator:
             rec = self.store.active(self.task)
             return str(rec.ref) if rec and (self.composition == "route" or rec.composition == "sum") else None
         if self.composition == "single":
-            from cladapt.train.history import StoreHistory
-
-            prev = StoreHistory(self.store, base_fingerprint=ctx.base.fingerprint, current_task=self.task).latest(
-                self.cfg.method.name
-            )
+            prev = trained.history.latest(self.cfg.method.name)
             return prev.ref if prev else None
         return None
 
-    def __call__(self, ctx: RunContext, peft_model: Any) -> dict[str, Any]:
+    def __call__(self, trained: TrainedModel) -> dict[str, Any]:
+        """The evaluation row of ``trained`` (the ``metrics["eval"]`` payload)."""
         started = time.time()
-        fp = ctx.base.fingerprint
-        tok = ctx.tokenizer
+        fp, tok, peft_model = trained.base_fingerprint, trained.tokenizer, trained.model
         rows = recorded_rows(self.store, base_fingerprint=fp)
         sets = self._sets(fp)
         rule = E.rule(self.options.max_new_tokens or "auto: longest label + 4")
         mode = self.options.mode
         budgets = {t: self.options.max_new_tokens or E.auto_max_new_tokens(tok, es.labels) for t, es in sets.items()}
-        precision = E.resolve_precision(self.options.precision, peft_model.device)
+        precision = resolve_precision(self.options.precision, peft_model.device)
 
         def key(t: str) -> tuple[Any, ...]:
             es = sets[t]
@@ -228,23 +229,13 @@ class HistoryEvaluator:
             return score_key(entry, rule, mode)
 
         logger.info("Evaluating %s on %d task(s) (%s, mode %s)", self.task, len(sets), self.composition, mode)
-        folded = self._folded(ctx) if self.composition == "sum" else []
-        baseline: dict[str, Any] = {}
-        for t, es in sets.items():
-            memo = f"{t}|{key(t)}"
-            hit = cached_baseline(rows, t, key(t)) or (self.baseline_cache or {}).get(memo)
-            if hit is None:
-                with raw_base(peft_model, folded):
-                    hit = self._score(peft_model, tok, es, budgets[t], "base model")
-            baseline[t] = hit
-            if self.baseline_cache is not None:
-                self.baseline_cache[memo] = hit
-        scores: dict[str, Any] = {}
-        for t, es in sets.items():
-            scores[t] = self._score_task(ctx, peft_model, rows, t, es, budgets[t], key(t), baseline[t])
-        before: dict[str, Any] = {}
-        if self.task in sets and self.options.before:
-            before[self.task] = self._before(ctx, peft_model, sets[self.task], budgets[self.task], baseline[self.task])
+        folded = trained.folded if self.composition == "sum" else []
+        with self._progress:
+            baseline = {t: self._baseline(trained, rows, t, es, budgets[t], key(t), folded) for t, es in sets.items()}
+            scores = {t: self._score_task(trained, rows, t, es, budgets[t], key(t), baseline[t]) for t, es in sets.items()}
+            before: dict[str, Any] = {}
+            if self.task in sets and self.options.before:
+                before[self.task] = self._before(trained, sets[self.task], budgets[self.task], baseline[self.task])
         payload: dict[str, Any] = {
             "rule": rule, "mode": mode, "composition": self.composition, "base_fingerprint": fp,
             "scores": scores, "before": before, "baseline": baseline,
@@ -254,12 +245,27 @@ class HistoryEvaluator:
         payload["seconds"] = round(time.time() - started, 2)
         return payload
 
+    def _baseline(
+        self, trained: TrainedModel, rows: list[Row], t: str, es: E.EvalSet, budget: int, key: tuple[Any, ...],
+        folded: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """b[t]: the base model's score, recorded once per task and key (or memoised across registries)."""
+        memo = f"{t}|{key}"
+        hit = cached_baseline(rows, t, key) or (self.baseline_cache or {}).get(memo)
+        if hit is None:
+            with raw_base(trained.model, folded):
+                hit = self._score(trained.model, trained.tokenizer, es, budget, "base model")
+        if self.baseline_cache is not None:
+            self.baseline_cache[memo] = hit
+        return hit
+
     def _score_task(
-        self, ctx: RunContext, peft_model: Any, rows: list[Row], t: str, es: E.EvalSet, budget: int,
+        self, trained: TrainedModel, rows: list[Row], t: str, es: E.EvalSet, budget: int,
         key: tuple[Any, ...], baseline: dict[str, Any],
     ) -> dict[str, Any]:
+        peft_model = trained.model
         if t == self.task or self.composition != "route":
-            return {**self._score(peft_model, ctx.tokenizer, es, budget, "new model"), "adapters": ["self"]}
+            return {**self._score(peft_model, trained.tokenizer, es, budget, "new model"), "adapters": ["self"]}
         rec = self.store.active(t)
         if rec is None:  # no adapter to route to yet (a later task of a benchmark): the base model answers
             return {**baseline, "adapters": []}
@@ -270,27 +276,28 @@ class HistoryEvaluator:
             logger.info("  %s: oracle route to %s, its recorded score re-used (adapter unchanged)", t, ref)
             return {**entry, "adapters": [ref], "reused_from": ref}
         with with_adapter(peft_model, self.store, ref):
-            return {**self._score(peft_model, ctx.tokenizer, es, budget, f"route {ref}"), "adapters": [ref]}
+            return {**self._score(peft_model, trained.tokenizer, es, budget, f"route {ref}"), "adapters": [ref]}
 
-    def _before(self, ctx: RunContext, peft_model: Any, es: E.EvalSet, budget: int, baseline: dict[str, Any]) -> dict[str, Any]:
+    def _before(self, trained: TrainedModel, es: E.EvalSet, budget: int, baseline: dict[str, Any]) -> dict[str, Any]:
         """R[t-1][t]: the model that served this task before this version."""
-        ref = self._previous_ref(ctx)
+        ref = self._previous_ref(trained)
+        peft_model, tok = trained.model, trained.tokenizer
         if self.composition == "sum" and ref is None:
             with peft_model.disable_adapter():  # the folded earlier adapters alone
-                return self._score(peft_model, ctx.tokenizer, es, budget, "before")
+                return self._score(peft_model, tok, es, budget, "before")
         if ref is None:
             return {**baseline, "adapters": []}  # nothing served it: the base model answered
         with with_adapter(peft_model, self.store, ref):
-            return {**self._score(peft_model, ctx.tokenizer, es, budget, f"before ({ref})"), "adapters": [ref]}
+            return {**self._score(peft_model, tok, es, budget, f"before ({ref})"), "adapters": [ref]}
 
     def _ppl(self, peft_model: Any, tok: Any, rows: list[Row], folded: list[dict[str, Any]]) -> dict[str, Any] | None:
         o = self.options
         if not o.ppl_files:
             return None
-        texts = [t for f in o.ppl_files for t in E.load_texts(f, limit=o.ppl_samples)][: o.ppl_samples]
+        texts = general_texts(o.ppl_files, o.ppl_samples)
         digest = E.files_sha256(o.ppl_files)
         info = {"files": list(o.ppl_files), "sha256": digest, "samples": len(texts), "max_length": o.ppl_length,
-                "precision": E.resolve_precision(o.precision, peft_model.device)}
+                "precision": resolve_precision(o.precision, peft_model.device)}
         base = next(
             (
                 r.payload["ppl"]["base"]
@@ -301,8 +308,8 @@ class HistoryEvaluator:
         )
         if base is None:
             with raw_base(peft_model, folded):
-                base = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size,
-                                    precision=o.precision)
-        value = E.perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size, precision=o.precision)
+                base = perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size,
+                                  precision=o.precision)
+        value = perplexity(peft_model, tok, texts, max_length=o.ppl_length, batch_size=o.batch_size, precision=o.precision)
         logger.info("  general perplexity %.3f (base model %.3f)", value, base)
         return {**info, "value": round(value, 4), "base": round(float(base), 4)}

@@ -8,29 +8,24 @@ optimizer steps, and after the last one, and stores the curves with the version
 every earlier task and the WC-ACC curve.
 
 It is an ordinary :class:`~cladapt.adapters.base.TrainingPlugin` (``prepare`` + ``post_step``), so the
-trainer needs no change; :func:`continual_extension` adds it to a run. For ``route`` methods only
+trainer needs no change; ``cladapt.train.evaluation_hooks.continual_extension`` adds it to a run. For ``route`` methods only
 the task being trained is scored: the other tasks' adapters are not in the model and cannot move.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cladapt import distributed
-from cladapt.adapters import METHODS
 from cladapt.adapters.base import Sidecars, TaskSpec, TrainingPlugin
-from cladapt.train import evaluate as E
-from cladapt.train import metrics as M
+from cladapt.evaluation import metrics as M
+from cladapt.evaluation import scoring as E
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
     from cladapt.adapters.base import History
-    from cladapt.config import RunConfig
-    from cladapt.registry.store import Store
-    from cladapt.train.run import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -95,25 +90,3 @@ def summarize(points: list[dict[str, Any]], task: str) -> dict[str, Any]:
         "min_acc": round(sum(lowest.values()) / len(lowest), 4) if lowest else None,
         "wc_acc": worst,
     }
-
-
-def continual_extension(
-    store: Store, cfg: RunConfig, task: str, eval_data: list[str] | None
-) -> Callable[[RunContext], None] | None:
-    """A run extension adding :class:`ContinualEval`, or None when ``cfg.eval.every`` is 0."""
-    if cfg.eval.every <= 0:
-        return None
-    from cladapt.train.history_eval import EvalOptions, HistoryEvaluator
-
-    def extend(ctx: RunContext) -> None:
-        options = EvalOptions(history=METHODS.get(cfg.method.name).composition != "route")
-        files = HistoryEvaluator(store, cfg, task, eval_data, options).task_files(ctx.base.fingerprint)
-        if not files:
-            logger.warning("--eval-every: no eval data for %s or any earlier task; continual evaluation is off", task)
-            return
-        sets = {t: E.load_eval_set(f, task=t, limit=cfg.eval.samples, seed=cfg.train.seed) for t, f in files.items()}
-        ctx.plugins.append(ContinualEval(task, sets, cfg.eval.every, tokenizer=ctx.tokenizer,
-                                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                         precision=cfg.train.mixed_precision))
-
-    return extend

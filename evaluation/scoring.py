@@ -16,7 +16,6 @@ exact match, and have no format rate or constrained mode. Scores are percentages
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import random
 import re
@@ -27,15 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from cladapt.errors import ConfigError, DataError, Issue
+from cladapt.evaluation.label_scores import label_logprobs
 from cladapt.precision import autocast
 from cladapt.precision import resolve as resolve_precision
 from cladapt.text.generation import generate
-from cladapt.text.template import render
 from cladapt.train.data import Example, load_examples
-from cladapt.vision import processor_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -177,150 +173,6 @@ class EvalResult:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-@torch.no_grad()
-def label_logprobs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[list[dict[str, str]]],
-    labels: Sequence[str],
-    *,
-    batch_size: int = 16,
-    progress: Progress | None = None,
-    packed: bool | None = None,
-) -> list[list[float]]:
-    """``[row][label]`` summed log-probability of each label's answer segment given the row's prompt.
-
-    Two exact strategies (same numbers up to float rounding):
-
-    * **packed** (default where the attention takes a custom 4D mask: ``sdpa`` and ``eager``): one
-      forward pass per batch over the prompt followed by every label's tokens, with a tree-shaped
-      mask (each label sees the prompt and its own earlier tokens only). A batch costs about one
-      prompt pass, whatever the number of labels.
-    * **cached**: one prompt pass fills the KV cache, then each label's few tokens are scored for the
-      whole batch and the cache is cropped back (``1 + len(labels)`` passes per batch); used for
-      attention kernels that take no custom mask (flash attention) and models without
-      ``logits_to_keep``.
-
-    Vision-language bases score each row's labels in one unpacked pass (``cladapt.train.vision_eval``).
-    """
-    conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
-    if processor_of(tokenizer) is not None:  # a vision-language base: images and the model's own positions
-        from cladapt.train.vision_eval import vision_label_logprobs
-
-        prompts = [render(tokenizer, c) for c in conversations]
-        return vision_label_logprobs(model, tokenizer, prompts, conversations, conts, progress=progress)
-    if packed is None:
-        packed = _attn_implementation(model) in ("sdpa", "eager") and _takes(model, "logits_to_keep")
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out: list[list[float]] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            chunk = [render(tokenizer, c) for c in conversations[start : start + batch_size]]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            scorer = _packed_scores if packed else _cached_scores
-            out += scorer(model, enc["input_ids"], enc["attention_mask"], conts).tolist()
-            if progress:
-                progress(len(chunk))
-    finally:
-        tokenizer.padding_side = old_side
-    return out
-
-
-def _attn_implementation(model: Any) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_attn_implementation", None) or "eager")
-
-
-def _packed_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
-    """Score every label of a left-padded batch in one forward pass with a tree attention mask."""
-    device, (rows, width) = ids.device, ids.shape
-    fed = [c[:-1] for c in conts]  # a label's last token is only predicted, never fed
-    seg = torch.tensor([j for j, f in enumerate(fed) for _ in f], dtype=torch.long, device=device)
-    off = torch.tensor([k for f in fed for k in range(len(f))], dtype=torch.long, device=device)
-    extra = len(seg)
-    tokens = torch.tensor([t for f in fed for t in f], dtype=ids.dtype, device=device)
-    input_ids = torch.cat([ids, tokens.expand(rows, extra)], dim=1)
-    lengths = mask.sum(-1)
-    positions = torch.cat([(mask.cumsum(-1) - 1).clamp(min=0), lengths[:, None] + off[None, :]], dim=1)
-    keys = mask.bool()
-    total = width + extra
-    allowed = torch.zeros(rows, total, total, dtype=torch.bool, device=device)
-    allowed[:, :width, :width] = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & keys[:, None, :]
-    allowed[:, width:, :width] = keys[:, None, :]
-    allowed[:, width:, width:] = ((seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None]))[None]
-    diag = torch.arange(total, device=device)
-    allowed[:, diag, diag] = True  # padding queries see themselves: no all-masked row, no NaN
-    if _attn_implementation(model) == "eager":  # eager adds the mask to the scores
-        attn: torch.Tensor = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-        attn.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    else:
-        attn = allowed
-    logits = model(input_ids=input_ids, attention_mask=attn[:, None], position_ids=positions,
-                   logits_to_keep=extra + 1).logits
-    lp = torch.log_softmax(logits[:, -(extra + 1) :].float(), dim=-1)  # [rows, 1 + extra, vocab]
-    scores = torch.zeros(rows, len(conts))
-    cursor = 0
-    for j, ids_j in enumerate(conts):
-        total_j = lp[:, 0, ids_j[0]].clone()
-        for k, target in enumerate(ids_j[1:]):
-            total_j += lp[:, 1 + cursor + k, target]
-        cursor += len(ids_j) - 1
-        scores[:, j] = total_j.cpu()
-    return scores
-
-
-def _cached_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor, conts: list[list[int]]) -> torch.Tensor:
-    """Score every label of a left-padded batch from one KV-cached prompt pass plus a short pass per label."""
-    from transformers import DynamicCache
-
-    device, cache_kw = ids.device, _cache_kwarg(model)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
-    first_lp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)
-    lengths, rows = mask.sum(-1), mask.shape[0]
-    scores = torch.zeros(rows, len(conts))
-    for j, ids_j in enumerate(conts):
-        total = first_lp[:, ids_j[0]].clone()
-        if len(ids_j) > 1:
-            tok = torch.tensor(ids_j[:-1], device=device).expand(rows, -1)
-            steps = torch.arange(len(ids_j) - 1, device=device)
-            res = model(
-                input_ids=tok,
-                attention_mask=torch.cat([mask, torch.ones_like(tok)], dim=1),
-                position_ids=lengths[:, None] + steps[None, :],
-                use_cache=True,
-                **{cache_kw: cache},
-            )
-            lp = torch.log_softmax(res.logits.float(), dim=-1)
-            target = torch.tensor(ids_j[1:], device=device).expand(rows, -1)
-            total += lp.gather(-1, target[..., None]).squeeze(-1).sum(-1)
-            cache.crop(-(len(ids_j) - 1))  # drop the label tokens again: back to the prompt
-        scores[:, j] = total.cpu()
-    return scores
-
-
-def _takes(model: Any, argument: str) -> bool:
-    """Whether the (base) model's ``forward`` has ``argument``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(base.forward).parameters
-
-
-def _cache_kwarg(model: Any) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use what the model takes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _answer_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]], label: str) -> list[int]:
-    """Token ids of the assistant segment the trainer learns for ``label`` (label + end of turn)."""
-    head = render(tokenizer, conversation)
-    full = str(tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": label}], tokenize=False))
-    segment = full[len(head) :] if full.startswith(head) else label
-    return list(tokenizer(segment, add_special_tokens=False)["input_ids"])
-
-
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -386,56 +238,3 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     values = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
     return 100.0 * sum(values) / max(1, len(values))
-
-
-# ------------------------------------------------------------------ general perplexity
-
-
-def load_texts(path: str | Path, *, limit: int = 32) -> list[str]:
-    """The first ``limit`` non-empty ``text`` fields of a JSON Lines file (general-domain data)."""
-    texts: list[str] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError([Issue(f"{path}:{n}", f"not valid JSON: {exc.msg}")]) from exc
-        text = row.get("text") if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise DataError([Issue(f"{path}:{n}", "each line needs a 'text' string field")])
-        if text.strip():
-            texts.append(text)
-        if len(texts) >= limit:
-            break
-    return texts
-
-
-@torch.no_grad()
-def perplexity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8,
-    precision: str = "no",
-) -> float:
-    """Token-level perplexity of plain texts (no chat template), each cut to its first ``max_length`` tokens."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[start : start + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                max_length=max_length, add_special_tokens=False,
-            ).to(model.device)
-            with autocast(precision, model.device):
-                logits = model(**enc).logits[:, :-1].float()
-            target = enc["input_ids"][:, 1:]
-            keep = enc["attention_mask"][:, 1:].bool()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            total += float(nll[keep].sum())
-            count += int(keep.sum())
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return float(torch.exp(torch.tensor(total / max(1, count))))

@@ -11,8 +11,10 @@ from pydantic import ValidationError
 
 from cladapt.config import load_config
 from cladapt.errors import ConfigError, DataError
-from cladapt.train import gate as G
-from cladapt.train.matrix import recorded_rows, square
+from cladapt.evaluation import gate as G
+from cladapt.evaluation.accuracy_matrix import recorded_rows, square
+from cladapt.registry.lifecycle import rollback
+from cladapt.train import evaluation_hooks as H
 from cladapt.train.run import train_task
 
 
@@ -64,14 +66,14 @@ def evalsets(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_make_after_train_is_none_without_eval_or_policy(store, tiny_base_path: Path) -> None:
-    assert G.make_after_train(store, _cfg(tiny_base_path), "t", None) is None
+    assert H.make_after_train(store, _cfg(tiny_base_path), "t", None) is None
     with pytest.raises(DataError, match="file not found"):  # before any training happens
-        G.make_after_train(store, _cfg(tiny_base_path), "t", [str(tiny_base_path / "nope.jsonl")])
+        H.make_after_train(store, _cfg(tiny_base_path), "t", [str(tiny_base_path / "nope.jsonl")])
     with pytest.raises(DataError, match="perplexity not found"):
-        G.make_after_train(store, _cfg(tiny_base_path, **{"eval.ppl_data": ["/nope.jsonl"], "eval.on_history": True}), "t", None)
+        H.make_after_train(store, _cfg(tiny_base_path, **{"eval.ppl_data": ["/nope.jsonl"], "eval.on_history": True}), "t", None)
     G.save_policy(store, G.GatePolicy(min_score=10))
     with pytest.raises(ConfigError, match="min_score needs"):
-        G.make_after_train(store, _cfg(tiny_base_path), "t", None)
+        H.make_after_train(store, _cfg(tiny_base_path), "t", None)
 
 
 def test_eval_on_history_rows_gate_rejection_and_rollback(
@@ -79,7 +81,7 @@ def test_eval_on_history_rows_gate_rejection_and_rollback(
 ) -> None:
     general = write_jsonl(tmp_path / "general.jsonl", [{"text": "the film was great and the story was good"}] * 3)
     cfg = _cfg(tiny_base_path, **{"eval.on_history": True, "eval.ppl_data": [str(general)]})
-    hook = G.make_after_train(store, cfg, "sentiment", [str(evalsets["sentiment"])])
+    hook = H.make_after_train(store, cfg, "sentiment", [str(evalsets["sentiment"])])
     first = train_task(store, "sentiment", [str(two_tasks["sentiment"])], cfg, after_train=hook, loaded=tiny_loaded)
     row = first.manifest.metrics["eval"]
     assert first.status == "active" and set(row["scores"]) == {"sentiment"}
@@ -93,7 +95,7 @@ def test_eval_on_history_rows_gate_rejection_and_rollback(
     # a gate no model can pass: the new version is committed, but as rejected, with its reasons
     G.save_policy(store, G.GatePolicy(min_score=100.0, max_drop=0.0, max_ppl_rise="900%", ppl_data=[str(general)]))
     cfg = _cfg(tiny_base_path, **{"eval.on_history": True})  # the perplexity data comes from the policy
-    hook = G.make_after_train(store, cfg, "topics", [str(evalsets["topics"])])
+    hook = H.make_after_train(store, cfg, "topics", [str(evalsets["topics"])])
     second = train_task(store, "topics", [str(two_tasks["topics"])], cfg, after_train=hook, loaded=tiny_loaded)
     assert second.status == "rejected"
     gate = second.manifest.metrics["gate"]
@@ -118,12 +120,12 @@ def test_eval_on_history_rows_gate_rejection_and_rollback(
 
     # retrain sentiment (gate off), then roll it back to v1
     G.save_policy(store, None)
-    hook = G.make_after_train(store, cfg, "sentiment", None)  # eval data re-used from v1's record
+    hook = H.make_after_train(store, cfg, "sentiment", None)  # eval data re-used from v1's record
     third = train_task(store, "sentiment", [str(two_tasks["sentiment"])], cfg, after_train=hook, loaded=tiny_loaded)
     assert third.status == "active" and third.version == 2
     assert third.manifest.metrics["eval"]["before"]["sentiment"]["adapters"] == ["sentiment@1"]
     assert store.get("sentiment@1").status == "archived"
-    back = G.rollback(store, "sentiment", actor="tester")
+    back = rollback(store, "sentiment", actor="tester")
     assert str(back.ref) == "sentiment@1" and back.status == "active"
     assert store.get("sentiment@2").status == "rejected"
     last = store.audit_log()[-3:]
@@ -132,12 +134,12 @@ def test_eval_on_history_rows_gate_rejection_and_rollback(
     ]
     assert all(e["actor"] == "tester" for e in last)
     with pytest.raises(Exception, match="no earlier"):
-        G.rollback(store, "sentiment")
+        rollback(store, "sentiment")
 
 
 def test_sum_methods_see_the_raw_base_for_the_baseline(store, tiny_loaded, tiny_base_path, two_tasks, evalsets) -> None:
     """For sum methods the base weights hold the folded earlier adapters; b[i] must not."""
-    from cladapt.train.history_eval import EvalOptions, HistoryEvaluator, raw_base
+    from cladapt.evaluation.history_eval import raw_base
 
     model, tok, _ = tiny_loaded
     probe = tok("the film was great", return_tensors="pt")
@@ -147,9 +149,8 @@ def test_sum_methods_see_the_raw_base_for_the_baseline(store, tiny_loaded, tiny_
     train_task(store, "sentiment", [str(two_tasks["sentiment"])], cfg, loaded=tiny_loaded)
     seen: dict[str, torch.Tensor] = {}
 
-    def after(ctx, peft_model) -> None:
-        ev = HistoryEvaluator(store, cfg, "topics", None, EvalOptions())
-        folded = ev._folded(ctx)
+    def after(trained) -> None:
+        peft_model, folded = trained.model, trained.folded  # what the run folded, handed to evaluation
         assert len(folded) == 1
         with torch.no_grad(), peft_model.disable_adapter():
             seen["folded"] = peft_model(**probe).logits.clone()
@@ -165,11 +166,11 @@ def test_sum_methods_see_the_raw_base_for_the_baseline(store, tiny_loaded, tiny_
 
 
 def test_eval_every_records_curves_and_the_stability_gap(store, tiny_loaded, tiny_base_path, two_tasks, evalsets) -> None:
-    from cladapt.train.continual import continual_extension
+    from cladapt.train.evaluation_hooks import continual_extension
 
     cfg = _cfg(tiny_base_path, "inc-lora", **{"lora.r": 2})
     assert continual_extension(store, cfg, "sentiment", None) is None  # eval.every = 0: off
-    hook = G.make_after_train(store, cfg, "sentiment", [str(evalsets["sentiment"])])
+    hook = H.make_after_train(store, cfg, "sentiment", [str(evalsets["sentiment"])])
     train_task(store, "sentiment", [str(two_tasks["sentiment"])], cfg, after_train=hook, loaded=tiny_loaded)
     cfg = _cfg(tiny_base_path, "inc-lora", **{"lora.r": 2, "eval.every": 1, "eval.samples": 4})
     ext = continual_extension(store, cfg, "topics", [str(evalsets["topics"])])

@@ -8,7 +8,10 @@ import pytest
 import torch
 from conftest import task_rows, write_jsonl
 
-from cladapt.train import evaluate as E
+from cladapt.evaluation import general_text as P
+from cladapt.evaluation import label_scores as L
+from cladapt.evaluation import scoring as E
+from cladapt.text.template import render
 from cladapt.train.data import Example
 
 
@@ -58,9 +61,9 @@ def test_generative_tasks_use_rouge_l(monkeypatch: pytest.MonkeyPatch, tiny_load
 
 
 def _naive_logprob(model, tok, conv, label) -> float:
-    prompt = E.render(tok, conv)
+    prompt = render(tok, conv)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = E._answer_ids(tok, conv, label)
+    a_ids = L._answer_ids(tok, conv, label)
     ids = torch.tensor([p_ids + a_ids])
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -71,8 +74,8 @@ def test_constrained_scores_equal_full_forward_passes(tiny_loaded) -> None:
     model, tok, _ = tiny_loaded
     convs = [[{"role": "user", "content": c}] for c in ("the film was great", "a b", "what is the topic of the plot")]
     labels = ["positive", "science technology", "no"]
-    packed = E.label_logprobs(model, tok, convs, labels, batch_size=3)  # left padding + one tree-masked pass
-    cached = E.label_logprobs(model, tok, convs, labels, batch_size=3, packed=False)  # KV cache reuse
+    packed = L.label_logprobs(model, tok, convs, labels, batch_size=3)  # left padding + one tree-masked pass
+    cached = L.label_logprobs(model, tok, convs, labels, batch_size=3, packed=False)  # KV cache reuse
     for i, conv in enumerate(convs):
         for j, label in enumerate(labels):
             naive = _naive_logprob(model, tok, conv, label)
@@ -86,7 +89,7 @@ def test_packed_scoring_works_with_eager_attention(tiny_base_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_base_path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(tiny_base_path)
     convs = [[{"role": "user", "content": c}] for c in ("hello there", "a much longer question about the plot")]
-    packed = E.label_logprobs(model, tok, convs, ["yes", "no way"], packed=True)
+    packed = L.label_logprobs(model, tok, convs, ["yes", "no way"], packed=True)
     for i, conv in enumerate(convs):
         for j, label in enumerate(["yes", "no way"]):
             assert packed[i][j] == pytest.approx(_naive_logprob(model, tok, conv, label), abs=1e-4)
@@ -113,11 +116,11 @@ def test_real_generation_runs_batched_with_progress(tiny_loaded, tmp_path: Path)
 def test_perplexity_ignores_padding(tiny_loaded, tmp_path: Path) -> None:
     model, tok, _ = tiny_loaded
     f = write_jsonl(tmp_path / "g.jsonl", [{"text": "the film was great and the plot was good"}, {"text": "a village"}])
-    texts = E.load_texts(f)
-    together = E.perplexity(model, tok, texts, batch_size=2)
+    texts = P.general_texts([f], 32)
+    together = P.perplexity(model, tok, texts, batch_size=2)
     # token-weighted mean NLL: recombine the per-text values by their token counts
     n = [len(tok(t, add_special_tokens=False)["input_ids"]) - 1 for t in texts]
-    nll = [torch.log(torch.tensor(E.perplexity(model, tok, [t], batch_size=1))) for t in texts]
+    nll = [torch.log(torch.tensor(P.perplexity(model, tok, [t], batch_size=1))) for t in texts]
     expected = float(torch.exp(sum(x * k for x, k in zip(nll, n, strict=True)) / sum(n)))
     assert together == pytest.approx(expected, rel=1e-4)
     assert together > 1.0

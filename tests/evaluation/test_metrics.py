@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cladapt.train import metrics as M
+from cladapt.evaluation import metrics as M
 
 R = [
     [80.0, 10.0, 5.0],
