@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from cladapt.adapters.compose import concat_config, factors, rank_concat
 from cladapt.base_model import BaseModelInfo, check_compatible
-from cladapt.errors import NotFound
+from cladapt.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -111,3 +115,65 @@ def attach_sum(model: PreTrainedModel, store: Store, base: BaseModelInfo, scratc
     peft_model = PeftModel.from_pretrained(model, str(scratch), adapter_name=SUM_ADAPTER)
     peft_model.eval()
     return peft_model, [f"{r.task}@{r.version}" for r in recs]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What is applied on the base: recorded with a score (``plan``) and shown to the user."""
+
+    composition: str  # "base", "adapter" (one or more versions, by ref) or "sum"
+    refs: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"composition": self.composition, "refs": list(self.refs)}
+
+    @property
+    def label(self) -> str:
+        if self.composition == "sum":
+            return f"sum of {', '.join(self.refs)}"
+        return ", ".join(self.refs) or "base model"
+
+
+@contextmanager
+def load_with_adapters(
+    store: Store | None,
+    *,
+    adapters: Sequence[str] = (),
+    compose: str | None = None,
+    base_model: str | None = None,
+    device: str | None = None,
+) -> Iterator[tuple[Any, Any, BaseModelInfo, Applied]]:
+    """Load the base the adapters belong to (:func:`cladapt.base_model.choose_base_model`) and apply them.
+
+    One entry point for every command that runs a model with registry adapters (``generate``,
+    ``eval``): ``adapters`` (one or more versions, all active at once), ``compose="sum"`` (every
+    active sum-composed version as one LoRA, written to a scratch folder removed on exit), or
+    neither (the base alone).
+
+    Yields:
+        (model, tokenizer, base info, what was applied).
+
+    Raises:
+        UsageError: both ``adapters`` and ``compose``, or adapters without a registry.
+        NotFound, IncompatibleBaseModel: an unknown version, or one trained on another base.
+    """
+    from cladapt.base_model import choose_base_model, load
+
+    if adapters and compose:
+        raise UsageError("apply --adapter or --compose, not both")
+    if (adapters or compose) and store is None:
+        raise UsageError("adapters come from a registry: pass --registry")
+    model, tokenizer, info = load(choose_base_model(store, adapters=adapters, compose=compose, override=base_model),
+                                  device=device)
+    with tempfile.TemporaryDirectory(prefix="cladapt-sum-") as scratch:
+        applied = Applied("base", [])
+        if adapters and store is not None:
+            refs = [str(store.get(ref).ref) for ref in adapters]
+            model, names = attach(model, store, info, refs)
+            if len(names) > 1:
+                model.base_model.set_adapter(names)
+            applied = Applied("adapter", refs)
+        elif compose == "sum" and store is not None:
+            model, used = attach_sum(model, store, info, Path(scratch) / "sum")
+            applied = Applied("sum", used)
+        yield model, tokenizer, info, applied

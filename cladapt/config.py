@@ -26,30 +26,9 @@ from cladapt.adapters import METHODS
 from cladapt.adapters.base import LoraSpec, MethodConfig
 from cladapt.adapters.targets import check_lora_fits  # noqa: F401  (checked where the model is loaded)
 from cladapt.base_model import DEFAULT_BASE_MODEL
+from cladapt.budget import DEFAULT_MAX_NEW_TOKENS, parse_max_new_tokens
 from cladapt.errors import CladaptError, ConfigError, Issue
 from cladapt.presets import load_yaml, preset_text, read_user_file
-
-#: the one default generation budget: `generate`, `eval` and the evaluation during training (methods.md §11.5)
-DEFAULT_MAX_NEW_TOKENS = 50
-
-
-
-def parse_max_new_tokens(value: object) -> int | str:
-    """A generation budget as users write it: a positive number of tokens, or ``auto``.
-
-    Raises:
-        ValueError: anything else (the message names both accepted forms).
-    """
-    if value == "auto":
-        return "auto"
-    try:
-        number = int(value) if not isinstance(value, (bool, float)) else None  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 1:
-        raise ValueError(f"must be a positive number of tokens or 'auto', got {value!r}")
-    return number
-
 
 #: seeds reach numpy (``transformers.set_seed``), which takes 0 .. 2**32 - 1
 SEED_MAX = 2**32 - 1

@@ -127,6 +127,28 @@ def data_split_option(func: F) -> F:
     )(func)
 
 
+class _Budget(click.ParamType):
+    """``--max-new-tokens``: a positive number of tokens or ``auto`` (:func:`cladapt.budget.parse_max_new_tokens`)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        from cladapt.budget import parse_max_new_tokens
+
+        try:
+            return parse_max_new_tokens(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def max_new_tokens_option(auto_means: str) -> Callable[[F], F]:
+    """``--max-new-tokens N|auto`` with the one default of every command (DEFAULT_MAX_NEW_TOKENS)."""
+    from cladapt.budget import DEFAULT_MAX_NEW_TOKENS
+
+    return click.option("--max-new-tokens", type=_Budget(), default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+                        help=f"generation budget in tokens, or auto: {auto_means}")
+
+
 def config_options(func: F) -> F:
     """``--config`` (repeatable) and ``--set`` (repeatable)."""
     func = click.option(

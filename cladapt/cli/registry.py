@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 from rich.table import Table
 
 from cladapt.cli import route as route_cli
-from cladapt.cli.common import console, echo_json, err_console, flat_items, open_store, registry_option
+from cladapt.cli.common import (
+    console,
+    echo_json,
+    err_console,
+    flat_items,
+    max_new_tokens_option,
+    open_store,
+    registry_option,
+)
 
 
 @click.group("registry")
@@ -33,7 +40,8 @@ def registry_init(path: Path | None) -> None:
 @registry_group.command("verify")
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--reindex", is_flag=True, help="rebuild the index from the manifests first")
-def registry_verify(path: Path | None, reindex: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON: ok, problems, checked, not covered, leftovers")
+def registry_verify(path: Path | None, reindex: bool, as_json: bool) -> None:
     """Check every stored byte and the index against the manifests; exit 1 on any problem.
 
     Covered: version files, manifests, status files, evaluations, the policy, shared state, the
@@ -42,6 +50,11 @@ def registry_verify(path: Path | None, reindex: bool) -> None:
     """
     store = open_store(path)
     report = store.verify_report(reindex=reindex)
+    if as_json:
+        echo_json({"ok": not report.problems, "registry": str(store.root),
+                   "problems": [{"where": p.where, "message": p.message} for p in report.problems],
+                   "checked": report.checked, "not_covered": report.not_covered, "leftovers": report.leftovers})
+        sys.exit(1 if report.problems else 0)
     for p in report.problems:
         console.print(f"[red]{p.where}[/]: {p.message}", highlight=False)
     for item in report.not_covered:
@@ -261,15 +274,16 @@ def export_cmd(args: tuple[str, ...], registry: Path | None, merged: bool, vllm:
 @click.option("--adapter", "adapters", multiple=True, help="version(s) to apply (task or task@N)")
 @click.option("--compose", type=click.Choice(["sum"]), default=None, help="all active sum-composed adapters at once")
 @click.option("--base-model", default=None, help="override the base model recorded in the adapter")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@max_new_tokens_option("the budget the adapter's own evaluation used (longest label + 4), else the default")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="a picture shown with every prompt (vision-language bases; repeatable)")
 @click.option("--router", default=None, help="route each prompt without a task id (dtkr, mos, arrow, ...; `cladapt route list`)")
 @route_cli.router_options
+@click.option("--json", "as_json", is_flag=True, help="one record per prompt: prompt, answer, adapters applied")
 def generate_cmd(
     prompts: tuple[str, ...], registry: Path | None, adapters: tuple[str, ...], compose: str | None,
-    base_model: str | None, max_new_tokens: int, images: tuple[Path, ...], router: str | None, settings: tuple[str, ...], top_k: int | None,
-    compositions: str,
+    base_model: str | None, max_new_tokens: int | str, images: tuple[Path, ...], router: str | None,
+    settings: tuple[str, ...], top_k: int | None, compositions: str, as_json: bool,
 ) -> None:
     """Answer PROMPTS with the base model plus adapter(s), greedy, through the chat template.
 
@@ -278,50 +292,49 @@ def generate_cmd(
     cladapt generate --router dtkr "..." "..."     # each prompt routed on its own; shows the adapter it used
     cladapt generate --adapter vqa --image photo.png "What is on the table?"
     """
-    from cladapt.adapters.loading import attach, attach_sum
-    from cladapt.base_model import load
+    from cladapt.adapters.loading import load_with_adapters
+    from cladapt.budget import recorded_budget
     from cladapt.text.generation import generate
     from cladapt.train.vision_data import image_prompts
 
     if router is not None:
-        if images:
-            raise click.UsageError("--image is not routed: pick the adapter with --adapter")
-        if adapters or compose:
-            raise click.UsageError("--router chooses the adapters itself: drop --adapter/--compose")
-        session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
-        routes = session.route(list(prompts))
-        for p, r, a in zip(prompts, routes, session.generate(list(prompts), routes, max_new_tokens=max_new_tokens),
-                           strict=True):
-            route_cli.show_route(p, r, answer=a)
+        _generate_routed(prompts, registry, adapters, compose, base_model, max_new_tokens, images, router, settings,
+                         top_k, compositions, as_json)
         return
     store = open_store(registry)
-    if adapters and compose:
-        raise click.UsageError("use --adapter or --compose, not both")
-    if adapters:
-        first = store.get(adapters[0])
-        base_id = base_model or first.manifest.base_model["id"]
-    else:
-        recs = store.list()
-        base_id = base_model or (max(recs, key=lambda r: r.created).manifest.base_model["id"] if recs else None)
-        if base_id is None:
-            raise click.UsageError("the registry is empty; pass --base-model to talk to a base model alone")
-    model, tok, info = load(base_id)
-    conversations = image_prompts(list(prompts), [str(i) for i in images], tok)
-    with tempfile.TemporaryDirectory() as tmp:
-        if adapters:
-            model, names = attach(model, store, info, list(adapters))
-            if len(names) > 1:
-                model.base_model.set_adapter(names)
-            label = ", ".join(adapters)
-        elif compose:
-            model, used = attach_sum(model, store, info, Path(tmp))
-            label = f"sum of {', '.join(used)}"
-        else:
-            label = "base model"
-        answers = generate(model, tok, conversations, max_new_tokens=max_new_tokens)
+    with load_with_adapters(store, adapters=adapters, compose=compose, base_model=base_model) as (model, tok, _, applied):
+        budget = recorded_budget(store, applied.refs) if max_new_tokens == "auto" else int(max_new_tokens)
+        conversations = image_prompts(list(prompts), [str(i) for i in images], tok)
+        answers = generate(model, tok, conversations, max_new_tokens=budget)
+    if as_json:
+        echo_json([{"prompt": p, "answer": a, **applied.to_json(), "max_new_tokens": budget}
+                   for p, a in zip(prompts, answers, strict=True)])
+        return
     for p, a in zip(prompts, answers, strict=True):
-        console.print(f"[dim]({label})[/] [bold]{p}[/]", highlight=False)
+        console.print(f"[dim]({applied.label})[/] [bold]{p}[/]", highlight=False)
         click.echo(a)
+
+
+def _generate_routed(prompts: tuple[str, ...], registry: Path | None, adapters: tuple[str, ...], compose: str | None,
+                     base_model: str | None, max_new_tokens: int | str, images: tuple[Path, ...], router: str,
+                     settings: tuple[str, ...], top_k: int | None, compositions: str, as_json: bool) -> None:
+    from cladapt.budget import recorded_budget
+
+    if images:
+        raise click.UsageError("--image is not routed: pick the adapter with --adapter")
+    if adapters or compose:
+        raise click.UsageError("--router chooses the adapters itself: drop --adapter/--compose")
+    session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
+    routes = session.route(list(prompts))
+    chosen = sorted({ref for r in routes for ref, _ in r.adapters if "@" in ref})  # versions, not compositions
+    budget = recorded_budget(open_store(registry), chosen) if max_new_tokens == "auto" else int(max_new_tokens)
+    answers = session.generate(list(prompts), routes, max_new_tokens=budget)
+    if as_json:
+        echo_json([{"prompt": p, "answer": a, "router": router, "max_new_tokens": budget, **r.to_json()}
+                   for p, r, a in zip(prompts, routes, answers, strict=True)])
+        return
+    for p, r, a in zip(prompts, routes, answers, strict=True):
+        route_cli.show_route(p, r, answer=a)
 
 
 commands: list[click.Command] = [registry_group, list_cmd, show_cmd, rm_cmd, export_cmd, generate_cmd]

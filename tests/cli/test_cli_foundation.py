@@ -70,7 +70,7 @@ def test_export_matches_plain_peft_logits(trained: Path, tmp_path: Path, tiny_ba
 def test_generate_with_adapter_and_base(trained: Path) -> None:
     out = run("generate", "--registry", trained, "--adapter", "sentiment", "--max-new-tokens", "4",
               "the film was great").output
-    assert "(sentiment)" in out and "the film was great" in out
+    assert "(sentiment@1)" in out and "the film was great" in out  # the version applied, explicit
 
 
 def test_second_version_archives_first(trained: Path, two_tasks: dict[str, Path], tiny_base_path: Path) -> None:

@@ -44,3 +44,37 @@ def test_model_loads_print_no_bars(tiny_base_path: Path, capfd: pytest.CaptureFi
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
     assert hf_logging.is_progress_bar_enabled()  # transformers' own switch is restored after the load
+
+
+def test_generate_json_and_auto_budget(evaluated: Path) -> None:
+    from cladapt.budget import DEFAULT_MAX_NEW_TOKENS
+
+    out = json.loads(cli_run("generate", "--registry", evaluated, "--adapter", "sentiment", "--max-new-tokens", "auto",
+                             "--json", "the film was great", "the film was terrible").stdout)
+    assert [r["prompt"] for r in out] == ["the film was great", "the film was terrible"]
+    assert all(isinstance(r["answer"], str) for r in out)
+    assert out[0]["refs"] == ["sentiment@1"] and out[0]["composition"] == "adapter"
+    assert out[0]["max_new_tokens"] == 3  # the budget sentiment@1's own evaluation used
+    base = json.loads(cli_run("generate", "--registry", evaluated, "--json", "--max-new-tokens", "2", "hi").stdout)
+    assert base[0]["composition"] == "base" and base[0]["refs"] == [] and base[0]["max_new_tokens"] == 2
+    from click.testing import CliRunner
+
+    from cladapt.cli import cli
+
+    shown = CliRunner().invoke(cli, ["generate", "--help"]).output
+    assert f"[default: {DEFAULT_MAX_NEW_TOKENS}]" in shown and "auto" in shown
+    bad = cli_run("generate", "--registry", evaluated, "--max-new-tokens", "lots", "hi", ok=False)
+    assert bad.exit_code == 2 and "positive number of tokens or 'auto'" in bad.output
+
+
+def test_registry_verify_json(evaluated: Path) -> None:
+    report = json.loads(cli_run("registry", "verify", evaluated, "--json").stdout)
+    assert report["ok"] and report["problems"] == [] and report["checked"]["versions"] == 1
+    weights = next((evaluated / "tasks" / "sentiment" / "v1" / "adapter").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    bad = cli_run("registry", "verify", evaluated, "--json", ok=False)
+    report = json.loads(bad.stdout)
+    assert bad.exit_code == 1 and not report["ok"]
+    assert any("adapter_model.safetensors" in p["where"] + p["message"] for p in report["problems"])
