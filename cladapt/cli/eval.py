@@ -306,7 +306,7 @@ def log_cmd(registry: Path | None, task: str | None, limit: int, as_json: bool) 
         return
     table = Table("time", "actor", "action", "ref", "change", "reason")
     for e in events:
-        change = f"{e.get('from')} -> {e.get('to')}" if e.get("action") == "status" or e.get("action") == "commit" else ""
+        change = f"{e.get('from') or '(new)'} -> {e.get('to')}" if e.get("action") in ("status", "commit") else ""
         if e.get("action") == "policy":
             change = json.dumps(e.get("to"), default=str)
         table.add_row(str(e.get("time", ""))[:19].replace("T", " "), str(e.get("actor", "")), str(e.get("action", "")),
