@@ -211,7 +211,7 @@ def run_bench(spec: BenchSpec) -> Path:
     ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
     from cladapt.bench.cell_process import run_in_child
 
-    # every cell in its own process (bench_child): memory is bounded per cell and a crash loses one cell
+    # every cell in its own process (cell_process): memory is bounded per cell and a crash loses one cell
     for m in todo:
         logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
         cells[m] = run_in_child(spec, "train", [m], cache)[m]
