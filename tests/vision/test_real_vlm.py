@@ -7,10 +7,14 @@ image rows, and its exported adapter reloads in plain PEFT with the same logits.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# the model and the toy tasks are bench/vision_plumbing.py's (the benchmark records what this test checks)
+sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,14 +24,14 @@ pytestmark = [
 
 def test_llava_smollm2_trains_on_images_and_exports(tmp_path: Path) -> None:
     from peft import PeftModel
-    from real_vlm import build_llava_smollm2, toy_tasks
     from test_families import image_logits
+    from vision_plumbing import build_llava_smollm2, toy_tasks
 
     from cladapt.adapters.export import export_version
     from cladapt.base_model import load
     from cladapt.config import load_config
-    from cladapt.text.generation import generate
     from cladapt.registry.store import Store
+    from cladapt.text.generation import generate
     from cladapt.train.data import load_examples
     from cladapt.train.run import train_task
 
