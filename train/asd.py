@@ -51,6 +51,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cladapt.train.asd_explain import (
+    Generator,
+    base_model_generator,
+    explanation_problem,
+    explanations_for,
+    normalize_answer,
+)
 from cladapt.train.data import Example
 
 if TYPE_CHECKING:
@@ -68,27 +75,8 @@ RFP = {
     "BE": "Answer, then explain briefly.",
     "DE": "Answer, then explain in detail.",
 }
-EXPLAIN_WORDS = {"BE": 20, "DE": 50}
-EXPLAIN_MAX_NEW_TOKENS = {"BE": 40, "DE": 90}
 MAX_GOLD_TOKENS = 64
 MCQ_OPTIONS = 4
-EXPLAIN_PROMPT = "The correct answer to the question below is '{gold}'. In about {words} words, explain why.\n\n{question}"
-
-
-@dataclass(frozen=True)
-class ExplainRequest:
-    """One explanation to write: why ``gold`` answers ``question``, in about ``words`` words."""
-
-    question: str
-    gold: str
-    words: int
-    max_new_tokens: int
-    #: the row's pictures (VQA rows): a vision-language writer looks at them too
-    images: tuple[str, ...] = ()
-
-
-#: a batched explanation writer: one result per request, ``None`` (or "") when it has nothing
-Generator = Callable[[Sequence[ExplainRequest]], "list[str | None]"]
 
 
 @dataclass(frozen=True)
@@ -124,14 +112,6 @@ class AsdReport:
 class AsdResult:
     examples: list[Example]
     report: AsdReport
-
-
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """methods.md §11.5: lowercase, drop ASCII punctuation, collapse whitespace (articles kept)."""
-    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 def target_styles(original_style: str, *, with_explanations: bool) -> list[str]:
@@ -212,44 +192,13 @@ def _convert(
     return _with_user_turn(ex, f"{q}\n{RFP[style]}", target, _meta(ex, style, g, {"target": target})), None
 
 
-def clean_explanation(text: str | None, words: int) -> str | None:
-    """One paragraph, cut at the last sentence end if generation stopped mid-sentence."""
-    if not text:
-        return None
-    flat = " ".join(text.split()).strip().strip('"').strip()
-    if len(flat.split()) < 3:
-        return None
-    if not flat.endswith((".", "!", "?")):
-        cut = max(flat.rfind(". "), flat.rfind("! "), flat.rfind("? "))
-        if cut > 0 and len(flat[: cut + 1].split()) >= max(3, words // 4):
-            flat = flat[: cut + 1]
-        else:
-            flat += "."
-    return flat
-
-
-def explanation_problem(text: str, question: str, gold: str, others: Sequence[str]) -> str | None:
-    """Why a generated explanation is unusable, or None. Three cheap checks **[cladapt]**: it names
-    another label but not the gold (a small generator often contradicts the answer it was given),
-    it merely copies the question (its first 6-12 words appear verbatim in it), or it loops (a
-    word 3-gram occurs 3 times)."""
-    norm = normalize_answer(text)
-
-    def names(answer: str) -> bool:
-        a = normalize_answer(answer)
-        return bool(a) and re.search(rf"(?<!\S){re.escape(a)}(?!\S)", norm) is not None
-
-    if not names(gold):
-        other = next((o for o in others if names(o)), None)
-        if other is not None:
-            return f"generator failure: the explanation names another answer ({other!r}) and not the gold"
-    words = norm.split()
-    if len(words) >= 6 and " ".join(words[:12]) in normalize_answer(question):
-        return "generator failure: the explanation copies the question"
-    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
-    if trigrams and max(trigrams.values()) >= 3:
-        return "generator failure: the explanation repeats itself"
-    return None
+def _convert_checked(
+    ex: Example, style: str, rng: random.Random, candidates: list[str], contrasts: Sequence[str], expl: str | None
+) -> tuple[Example | None, str | None]:
+    """One row in ``style``, or why not: an explanation that fails :func:`explanation_problem` is not used."""
+    others = [c for c in contrasts if normalize_answer(c) != normalize_answer(ex.answer)]
+    reason = explanation_problem(expl, ex.prompt_text, ex.answer, others) if expl else None
+    return (None, reason) if reason else _convert(ex, style, rng, candidates, expl)
 
 
 def asd(
@@ -285,27 +234,23 @@ def asd(
         keep = set(only)
         assignment = {i: s for i, s in assignment.items() if i in keep}
     candidates, lset = label_set(examples, labels, count, max_gold_tokens)
-    explanations = _explanations(examples, assignment, generator)
+    explanations = explanations_for(examples, assignment, generator)
     contrasts = candidates if lset["kind"] != "pool" else []  # free-form answers: no contradiction check
     out = list(examples)
     skipped: list[Skipped] = []
     counts = Counter({s: 0 for s in styles})
     for i in sorted(assignment):
         ex, style = examples[i], assignment[i]
-        reason = None
         if not ex.answer.strip():
-            reason = "empty gold answer"
+            converted, reason = None, "empty gold answer"
         elif style in ("MCQ", "YN") and count(ex.answer) > max_gold_tokens:
-            reason = f"gold answer longer than {max_gold_tokens} tokens ({style} would be unreadable)"
+            converted, reason = None, f"gold answer longer than {max_gold_tokens} tokens ({style} would be unreadable)"
         else:
-            rng = random.Random(f"asd:{seed}:{i}")
-            expl = explanations.get(i)
-            others = [c for c in contrasts if normalize_answer(c) != normalize_answer(ex.answer)]
-            reason = explanation_problem(expl, ex.prompt_text, ex.answer, others) if expl else None
-            converted, reason = (None, reason) if reason else _convert(ex, style, rng, candidates, expl)
-            if converted is not None:
-                out[i] = converted
-                counts[style] += 1
+            converted, reason = _convert_checked(ex, style, random.Random(f"asd:{seed}:{i}"), candidates, contrasts,
+                                                 explanations.get(i))
+        if converted is not None:
+            out[i] = converted
+            counts[style] += 1
         if reason:
             skipped.append(Skipped(ex.where, style, reason))
     report = AsdReport(
@@ -321,28 +266,6 @@ def asd(
         label_set=lset,
     )
     return AsdResult(out, report)
-
-
-def _explanations(
-    examples: Sequence[Example], assignment: dict[int, str], generator: Generator | None
-) -> dict[int, str | None]:
-    rows = sorted(i for i, s in assignment.items() if s in ("BE", "DE") and examples[i].answer.strip())
-    if not rows or generator is None:
-        return {}
-    requests = [
-        ExplainRequest(
-            question=examples[i].prompt_text,
-            gold=examples[i].answer,
-            words=EXPLAIN_WORDS[assignment[i]],
-            max_new_tokens=EXPLAIN_MAX_NEW_TOKENS[assignment[i]],
-            images=tuple(examples[i].images),
-        )
-        for i in rows
-    ]
-    results = list(generator(requests))
-    if len(results) != len(requests):
-        raise RuntimeError(f"the ASD generator returned {len(results)} results for {len(requests)} requests")
-    return {i: clean_explanation(r, req.words) for i, r, req in zip(rows, results, requests, strict=True)}
 
 
 # ----------------------------------------------------------------------------------- grading
@@ -385,36 +308,6 @@ def grade(style: str, reply: str, row_meta: dict[str, Any]) -> bool:
         head = re.split(r"[.\n]", text, maxsplit=1)[0]
         return normalize_answer(head) == normalize_answer(gold)
     raise ValueError(f"unknown answer style {style!r}; one of {STYLES}")
-
-
-# ------------------------------------------------------------------------- the base generator
-
-
-def base_model_generator(model: Any, tokenizer: Any, *, batch_size: int = 16) -> Generator:
-    """Explanations from ``model`` itself, greedy (methods.md §4.1 default), batched by length."""
-    from cladapt.text.generation import generate
-    from cladapt.vision import processor_of
-
-    def run(requests: Sequence[ExplainRequest]) -> list[str | None]:
-        out: list[str | None] = [None] * len(requests)
-        was_training = model.training
-        model.eval()  # a model handed back by a finished training run may still be in train mode
-        try:
-            for budget in sorted({r.max_new_tokens for r in requests}):
-                idx = [k for k, r in enumerate(requests) if r.max_new_tokens == budget]
-                convs = [
-                    [{"role": "user", "content": EXPLAIN_PROMPT.format(gold=r.gold, words=r.words, question=r.question),
-                      **({"images": list(r.images)} if r.images and processor_of(tokenizer) else {})}]
-                    for r in (requests[k] for k in idx)
-                ]
-                texts = generate(model, tokenizer, convs, max_new_tokens=budget, batch_size=batch_size)
-                for k, text in zip(idx, texts, strict=True):
-                    out[k] = text
-        finally:
-            model.train(was_training)
-        return out
-
-    return run
 
 
 def to_jsonl_rows(examples: Sequence[Example]) -> list[str]:

@@ -7,16 +7,8 @@ from collections import Counter
 
 import pytest
 
-from cladapt.train.asd import (
-    RFP,
-    ExplainRequest,
-    asd,
-    base_model_generator,
-    clean_explanation,
-    grade,
-    normalize_answer,
-    to_jsonl_rows,
-)
+from cladapt.train.asd import RFP, asd, grade, to_jsonl_rows
+from cladapt.train.asd_explain import ExplainRequest, base_model_generator, clean_explanation, normalize_answer
 from cladapt.train.data import Example
 
 LABELS = ["Company", "Artist", "Film", "Plant", "Village", "Album"]
@@ -264,7 +256,7 @@ def test_explanations_that_contradict_or_copy_are_rejected() -> None:
 
 
 def test_looping_explanation_is_rejected() -> None:
-    from cladapt.train.asd import explanation_problem
+    from cladapt.train.asd_explain import explanation_problem
 
     loop = "Film because sports, sports, sports, sports, sports, sports."
     assert explanation_problem(loop, "q", "Film", []) == "generator failure: the explanation repeats itself"
