@@ -15,7 +15,7 @@ Every vector is L2-normalised float32. The text embedded is the user's prompt as
 template, no special tokens): a template's constant system/role tokens would dominate a mean
 over short prompts, and queries arrive as plain text too.
 
-On a vision-language base a prompt with images (:class:`cladapt.vision.ImagePrompt`) is embedded
+On a vision-language base a prompt with images (:class:`cladapt.image_prompts.ImagePrompt`) is embedded
 with its images in the ``base`` and ``adapter`` spaces (the mean over image and text tokens of the
 multimodal body); the ``encoder`` space is a text model and embeds its text only.
 """
@@ -112,7 +112,7 @@ def hidden_embed(
     """
     import torch
 
-    from cladapt.vision import ImagePrompt, embed_image_prompts, has_images
+    from cladapt.image_prompts import ImagePrompt, embed_image_prompts, has_images
 
     if has_images(texts):  # image rows through the multimodal body, the rest as text
         pics = [i for i, t in enumerate(texts) if isinstance(t, ImagePrompt) and t.images]

@@ -92,8 +92,9 @@ def image_prompt(server: Server, req: ChatRequest) -> Prompt:
     from data URLs only (a server that fetched URLs would fetch whatever a client names).
     """
     from cladapt.errors import DataError
+    from cladapt.image_prompts import ImagePrompt, decode_data_url
     from cladapt.text.template import render
-    from cladapt.vision import ImagePrompt, decode_data_url, process, processor_of
+    from cladapt.vision import process, processor_of
 
     tokenizer = server.engine.tokenizer
     processor = processor_of(tokenizer)

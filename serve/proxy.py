@@ -223,7 +223,7 @@ def build_proxy(config: ProxyConfig, store: Store) -> Proxy:
 
 def _prompt_text(body: dict[str, Any], *, vision: bool = False) -> str:
     """What the router reads: the last user message's text, with its data-URL images when the
-    router's base is a vision-language model (an :class:`~cladapt.vision.ImagePrompt`).
+    router's base is a vision-language model (an :class:`~cladapt.image_prompts.ImagePrompt`).
 
     Content parts go upstream unchanged either way; a remote image URL is the upstream's to fetch,
     and the route is then made on the message's text and inline images.
@@ -243,7 +243,7 @@ def _prompt_text(body: dict[str, Any], *, vision: bool = False) -> str:
         return content or ""
     if not isinstance(content, list):
         raise CladaptError(f"messages[{index}].content: a string or a list of content parts is required")
-    from cladapt.vision import ImagePrompt, decode_data_url
+    from cladapt.image_prompts import ImagePrompt, decode_data_url
 
     order: list[tuple[str, Any]] = []
     images: list[Any] = []
@@ -292,61 +292,63 @@ async def _send(proxy: Proxy, path: str, body: dict[str, Any], ref: str | None) 
     raise AssertionError("unreachable")
 
 
+async def _forward(proxy: Proxy, request: Request, path: str) -> Response:
+    """One completion request: plan, send upstream, relay the answer (streamed or not) with the adapter named."""
+    from cladapt.serve.cache import ModelNotFound
+
+    t0 = time.perf_counter()
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise CladaptError("the body must be a JSON object")
+        ref, route = await _plan(proxy, body)
+        resp = await _send(proxy, path, body, ref)
+    except ModelNotFound as exc:
+        return JSONResponse(model_not_found_body(exc.name, exc.why), status_code=404)
+    except json.JSONDecodeError as exc:
+        return JSONResponse(error_body(f"malformed JSON body: {exc}", code=400), status_code=400)
+    except httpx.HTTPError as exc:
+        return JSONResponse(error_body(f"upstream unreachable: {exc}", type_="server_error", code=502), 502)
+    except CladaptError as exc:
+        return JSONResponse(error_body(exc.message, type_="invalid_request_error" if exc.http_status < 500
+                                       else "server_error", code=exc.http_status), exc.http_status)
+    label = ref or "base"
+    proxy.metrics.routed.labels(label, "auto" if body["model"] == "auto" else "explicit").inc()
+    headers = {ADAPTER_HEADER: label}
+    ctype = resp.headers.get("content-type", "application/json")
+    if ctype.startswith("text/event-stream"):
+        async def relay() -> Any:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+                proxy.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+        return StreamingResponse(relay(), status_code=resp.status_code, media_type=ctype, headers=headers)
+    raw = await resp.aread()
+    await resp.aclose()
+    proxy.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+    if resp.status_code == 200 and ctype.startswith("application/json"):
+        data = json.loads(raw)
+        data["model"] = body["model"]
+        data["cladapt"] = {"adapter": ref, "requested": body["model"], "route": route}
+        return JSONResponse(data, headers=headers)
+    return Response(raw, status_code=resp.status_code, media_type=ctype, headers=headers)
+
+
 def create_proxy_app(proxy: Proxy) -> FastAPI:
     """The proxy's ASGI app."""
     app = FastAPI(title="cladapt proxy", version="1")
     app.state.proxy = proxy
 
-    async def forward(request: Request, path: str) -> Response:
-        from cladapt.serve.cache import ModelNotFound
-
-        t0 = time.perf_counter()
-        try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise CladaptError("the body must be a JSON object")
-            ref, route = await _plan(proxy, body)
-            resp = await _send(proxy, path, body, ref)
-        except ModelNotFound as exc:
-            return JSONResponse(model_not_found_body(exc.name, exc.why), status_code=404)
-        except json.JSONDecodeError as exc:
-            return JSONResponse(error_body(f"malformed JSON body: {exc}", code=400), status_code=400)
-        except httpx.HTTPError as exc:
-            return JSONResponse(error_body(f"upstream unreachable: {exc}", type_="server_error", code=502), 502)
-        except CladaptError as exc:
-            return JSONResponse(error_body(exc.message, type_="invalid_request_error" if exc.http_status < 500
-                                           else "server_error", code=exc.http_status), exc.http_status)
-        label = ref or "base"
-        proxy.metrics.routed.labels(label, "auto" if body["model"] == "auto" else "explicit").inc()
-        headers = {ADAPTER_HEADER: label}
-        ctype = resp.headers.get("content-type", "application/json")
-        if ctype.startswith("text/event-stream"):
-            async def relay() -> Any:
-                try:
-                    async for chunk in resp.aiter_raw():
-                        yield chunk
-                finally:
-                    await resp.aclose()
-                    proxy.metrics.latency.labels(path).observe(time.perf_counter() - t0)
-
-            return StreamingResponse(relay(), status_code=resp.status_code, media_type=ctype, headers=headers)
-        raw = await resp.aread()
-        await resp.aclose()
-        proxy.metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        if resp.status_code == 200 and ctype.startswith("application/json"):
-            data = json.loads(raw)
-            data["model"] = body["model"]
-            data["cladapt"] = {"adapter": ref, "requested": body["model"], "route": route}
-            return JSONResponse(data, headers=headers)
-        return Response(raw, status_code=resp.status_code, media_type=ctype, headers=headers)
-
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await forward(request, "/v1/completions")
+        return await _forward(proxy, request, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await forward(request, "/v1/chat/completions")
+        return await _forward(proxy, request, "/v1/chat/completions")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -39,7 +39,7 @@ def compute_signature(model: Any, tokenizer: Any, examples: list[Example], *, ad
     own-adapter spaces, so image requests are routed by what they show as well as what they ask;
     the sentence-encoder space embeds their text only.
     """
-    from cladapt.vision import ImagePrompt
+    from cladapt.image_prompts import ImagePrompt
 
     prompts: list[str] = [ImagePrompt.images_first(ex.prompt_text, ex.images) if ex.images else ex.prompt_text
                           for ex in examples]

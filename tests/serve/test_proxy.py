@@ -169,8 +169,8 @@ def test_image_parts_go_upstream_unchanged_and_auto_routes_on_their_text(fleet) 
 
 def test_prompt_text_of_image_parts_on_a_vision_router() -> None:
     from cladapt.errors import DataError
+    from cladapt.image_prompts import ImagePrompt
     from cladapt.serve.proxy import _prompt_text
-    from cladapt.vision import ImagePrompt
 
     content = [{"type": "text", "text": "before"}, {"type": "image_url", "image_url": {"url": _png_url()}},
                {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},

@@ -93,8 +93,8 @@ def test_image_signatures_hold_image_embeddings(routed: dict[str, Any]) -> None:
 def test_routers_send_image_requests_to_the_task_their_pictures_belong_to(routed: dict[str, Any], router: str,
                                                                            settings: dict[str, Any]) -> None:
     from cladapt.features import FeatureExtractor
+    from cladapt.image_prompts import ImagePrompt
     from cladapt.serve.routers import ROUTERS, QueryBatch
-    from cladapt.vision import ImagePrompt
 
     model = routed["model"]
     cls = ROUTERS.get(router)
