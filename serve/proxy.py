@@ -150,10 +150,12 @@ class Proxy:
     # ------------------------------------------------------------------ upstream adapters
 
     def _folder(self, ref: str, base: str) -> Path:
-        """The adapter as vLLM wants it (written once per ref)."""
+        """The adapter as vLLM wants it (written once per ref and served model id)."""
         from cladapt.serve.export import write_adapter
 
-        folder = (self.adapter_dir / ref.replace("@", "-v")).absolute()
+        # per served model: the folder's base_model_name_or_path must be the upstream's model id
+        tag = hashlib.sha256(base.encode()).hexdigest()[:8]
+        folder = (self.adapter_dir / f"{ref.replace('@', '-v')}-{tag}").absolute()
         if not (folder / "adapter_config.json").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -101,12 +101,20 @@ def test_proxy_in_front_of_cladapt_serve(live, served_registry) -> None:
         with httpx.stream("POST", front.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
             streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
                                if line.startswith("data: {") and json.loads(line[6:])["choices"])
+        via_sum = httpx.post(front.url + "/v1/completions", json={**body, "model": "sum"}, timeout=60)
     direct = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
     # the upstream loaded the exported folder under the versioned name; same weights, same answer
     assert "lora:qa@1" in live.server.cache.loaded()
     assert via.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"] == streamed
     auth = {"Authorization": "Bearer s3cret"}
     assert httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "qa@1"}, headers=auth).status_code == 200
+    # model 'sum': the proxy's one rank-concatenated adapter answers as cladapt serve's own composed sum
+    direct_sum = httpx.post(live.url + "/v1/completions", json={**body, "model": "sum"}, timeout=60)
+    assert via_sum.status_code == 200 and via_sum.headers["x-cladapt-adapter"].startswith("sum-"), via_sum.text
+    assert via_sum.json()["choices"][0]["text"] == direct_sum.json()["choices"][0]["text"]
+    assert direct_sum.headers["x-cladapt-adapter"] == "sum"
+    key = via_sum.headers["x-cladapt-adapter"]
+    assert httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": key}, headers=auth).status_code == 200
 
 
 def test_sum_loads_one_rank_concatenated_adapter_upstream(fleet) -> None:
