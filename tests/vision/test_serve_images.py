@@ -68,8 +68,8 @@ def _picture(tmp: Path, colour: tuple[int, int, int], shape: str = "square") -> 
     return write_image(tmp / f"{colour}-{shape}.png", colour, shape=shape)
 
 
-def _expected(base: Path, image: Path, adapter: Path | None = None) -> str:
-    """What ``cladapt generate --image`` answers (the library call behind it), greedy, 6 tokens."""
+def _expected(base: Path, image: Path | None, adapter: Path | None = None) -> str:
+    """What ``cladapt generate [--image]`` answers (the library call behind it), greedy, 6 tokens."""
     from cladapt.base_model import load
     from cladapt.text.generation import generate
 
@@ -78,7 +78,7 @@ def _expected(base: Path, image: Path, adapter: Path | None = None) -> str:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    conv = [{"role": "user", "content": QUESTION, "images": [str(image)]}]
+    conv = [{"role": "user", "content": QUESTION, **({"images": [str(image)]} if image else {})}]
     return generate(model, tok, [conv], max_new_tokens=6)[0]
 
 
@@ -93,6 +93,8 @@ def test_image_request_answers_as_generate_does(vlm_server: Any, tmp_path: Path)
     text_only = httpx.post(vlm_server.url + "/v1/chat/completions", timeout=120, json={
         **body, "messages": [{"role": "user", "content": QUESTION}]}).json()
     assert r.json()["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]  # image tokens counted
+    # a text request on the same base goes through the batched loop: the same answer as generate too
+    assert text_only["choices"][0]["message"]["content"].strip() == _expected(vlm_server.base, None)
     # streamed: the same text, in pieces
     with httpx.stream("POST", vlm_server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
         import json
