@@ -165,24 +165,21 @@ def _train_seconds(rec: Any) -> float:
     return float(stats.get("train_runtime", stats.get("wall_seconds", 0.0)))
 
 
-def run_bench(spec: BenchSpec) -> Path:
-    """Run (or resume) every method of ``spec``; returns the results JSON path (report written beside it)."""
-    import shutil
-
+def _check_cells(spec: BenchSpec) -> None:
+    """Unknown methods or variants, forgetting methods and bad ``--set`` overrides fail before any cell runs."""
     from cladapt.adapters import METHODS
-    from cladapt.evaluation.general_text import general_texts
-    from cladapt.evaluation.report import write_report
-    from cladapt.evaluation.scoring import load_eval_set
 
-    tasks, labels = read_order(spec.data_dir, spec.order)
-    tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
     for m in spec.methods:
         method = parse_cell(m, spec.replay_data)[0]  # unknown variants fail here, before anything runs
         if method != "mtl" and METHODS.get(method).forgetting:  # unknown names fail here, with a did-you-mean
             raise ConfigError([Issue("--methods", f"{m}: a forgetting method (`cladapt forget`), not a CL method")])
         cell_config(spec, m)  # and bad --set overrides, before any cell's process starts
-    stem = f"cl_{spec.order}_{spec.profile.name}"
-    result_path = spec.out / f"{stem}.json"
+
+
+def _load_results(spec: BenchSpec, tasks: list[str], result_path: Path) -> dict[str, Any]:
+    """The results so far (empty with ``--fresh``), refusing finished cells measured with other settings."""
+    import shutil
+
     if spec.fresh:
         shutil.rmtree(work_dir(spec), ignore_errors=True)
     results: dict[str, Any] = {} if spec.fresh or not result_path.is_file() else json.loads(result_path.read_text())
@@ -194,23 +191,21 @@ def run_bench(spec: BenchSpec) -> Path:
             from cladapt.registry.store import Store
 
             cell["wall_seconds"] = cell_wall_seconds(Store.open(work_dir(spec) / "registries" / m), cell["refs"])
-    stale = {m: config_changes(cells[m].get("config") or {}, cell_config(spec, m)) for m in spec.methods
-             if (cells.get(m) or {}).get("status") == "done"}
-    for m, changed in stale.items():
-        if changed:
-            raise stale_error(f"cell {m} of {result_path}", changed)
-    cache: dict[str, Any] = results.setdefault("baseline_cache", {})
-    data = work_dir(spec) / "data"
-    for t in tasks:  # the cells read the sampled rows from here; bad test rows fail now, before any cell
-        sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl")
-        load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None, limit=spec.profile.test_rows)
-    todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
-    texts = general_texts(spec.ppl_files, spec.ppl_samples)
-    if spec.ppl_files and not texts:
-        raise DataError([Issue(str(f), "no non-empty 'text' field to measure perplexity on") for f in spec.ppl_files])
-    ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
+    for m in spec.methods:
+        if (cells.get(m) or {}).get("status") == "done":
+            changed = config_changes(cells[m].get("config") or {}, cell_config(spec, m))
+            if changed:
+                raise stale_error(f"cell {m} of {result_path}", changed)
+    return results
+
+
+def _run_cells(spec: BenchSpec, tasks: list[str], results: dict[str, Any], result_path: Path, texts: list[str]) -> None:
+    """Every unfinished cell in a process of its own; then general perplexity for finished cells without it."""
     from cladapt.bench.cell_process import run_in_child
 
+    cells, cache = results["cells"], results.setdefault("baseline_cache", {})
+    todo = [m for m in spec.methods if (cells.get(m) or {}).get("status") != "done" or cells[m].get("tasks") != tasks]
+    ppl_todo = [m for m in spec.methods if texts and m not in todo and not cells[m].get("ppl")]
     # every cell in its own process (cell_process): memory is bounded per cell and a crash loses one cell
     for m in todo:
         logger.info("=== %s on %s (%s profile, %d tasks) ===", m, spec.order, spec.profile.name, len(tasks))
@@ -224,6 +219,29 @@ def run_bench(spec: BenchSpec) -> Path:
                 cells[m].update({k: v for k, v in extra.items() if k != "process"})
         _save(result_path, results)
     _save(result_path, results)
+
+
+def run_bench(spec: BenchSpec) -> Path:
+    """Run (or resume) every method of ``spec``; returns the results JSON path (report written beside it)."""
+    from cladapt.evaluation.general_text import general_texts
+    from cladapt.evaluation.report import write_report
+    from cladapt.evaluation.scoring import load_eval_set
+
+    tasks, labels = read_order(spec.data_dir, spec.order)
+    tasks = tasks[: spec.profile.max_tasks] if spec.profile.max_tasks else tasks
+    _check_cells(spec)
+    stem = f"cl_{spec.order}_{spec.profile.name}"
+    result_path = spec.out / f"{stem}.json"
+    results = _load_results(spec, tasks, result_path)
+    data = work_dir(spec) / "data"
+    for t in tasks:  # the cells read the sampled rows from here; bad test rows fail now, before any cell
+        sample_rows(spec.data_dir / t / "train.jsonl", spec.profile.train_rows, data / f"{t}.train.jsonl")
+        load_eval_set(spec.data_dir / t / "test.jsonl", task=t, labels=labels[t] or None, limit=spec.profile.test_rows)
+    texts = general_texts(spec.ppl_files, spec.ppl_samples)
+    if spec.ppl_files and not texts:
+        raise DataError([Issue(str(f), "no non-empty 'text' field to measure perplexity on") for f in spec.ppl_files])
+    _run_cells(spec, tasks, results, result_path, texts)
+    cells = results["cells"]
     runs = {m: cells[m] for m in spec.methods if m in cells and cells[m].get("status") == "done"}
     write_report({"title": f"CL benchmark {spec.order} ({spec.profile.name} profile)",
                   "meta": {"tasks": " -> ".join(tasks), "command": results["command"], "results": str(result_path),

@@ -103,6 +103,7 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     assert "inc-lora" in printed
     res = json.loads((out / "cl_o1_smoke.json").read_text())
     assert res["tasks"] == ["sentiment", "topics"] and res["machine"]["torch"]
+    assert res["command"] and res["machine"]["source"]["source"] in ("git", "package")  # recorded, git not run
     lora, inc, mtl = (res["cells"][m] for m in ("lora", "inc-lora", "mtl"))
     assert len(inc["R"]) == 2 and all(v is not None for row in inc["R"] for v in row)  # future tasks scored too
     assert lora["R"][1][0] == lora["R"][0][0]  # oracle routing: the first adapter is untouched
