@@ -44,8 +44,11 @@ def compute_signature(model: Any, tokenizer: Any, examples: list[Example], *, ad
     prompts: list[str] = [ImagePrompt.images_first(ex.prompt_text, ex.images) if ex.images else ex.prompt_text
                           for ex in examples]
     labels = [ex.answer for ex in examples]
-    return build_signature(model, tokenizer, prompts, labels, adapter=adapter, encoder=load_encoder(), seed=seed,
-                           base_fingerprint=base_fingerprint)
+    sig = build_signature(model, tokenizer, prompts, labels, adapter=adapter, encoder=load_encoder(), seed=seed,
+                          base_fingerprint=base_fingerprint)
+    if any(ex.images for ex in examples):  # said in the stored signature, for whoever reads it later
+        sig.meta["images"] = "image rows: base and own spaces embed the images and the text; encoder: the text only"
+    return sig
 
 
 def signature_sidecars(model: Any, tokenizer: Any, examples: list[Example], *, adapter: str, seed: int,

@@ -80,6 +80,7 @@ def routed(vlm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 def test_image_signatures_hold_image_embeddings(routed: dict[str, Any]) -> None:
     reds, blues = (v.signature for v in routed["views"])
     assert reds.own is not None and blues.own is not None
+    assert "encoder: the text only" in reds.to_json()["images"]  # the stored signature says what it embeds
     # the same question on different pictures: the text alone would give one vector for every row
     assert not torch.allclose(reds.base[0], blues.base[0], atol=1e-4)
     assert not torch.allclose(reds.own[0], reds.base[0], atol=1e-4)  # the own adapter changed the embedding
