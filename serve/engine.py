@@ -103,7 +103,9 @@ class Engine:
         self.loaded: set[str] = set()
         self._stacked: StackedLora | None = None  # rebuilt when the loaded set changes
         self.use_stacked = True
-        cfg_ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+        text_config = getattr(model.config, "text_config", None)  # vision-language bases keep it there
+        cfg_ctx = (getattr(model.config, "max_position_embeddings", None)
+                   or getattr(text_config, "max_position_embeddings", None) or 2048)
         self.max_context = int(max_context or cfg_ctx)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

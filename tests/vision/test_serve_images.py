@@ -90,6 +90,7 @@ def test_image_request_answers_as_generate_does(vlm_server: Any, tmp_path: Path)
     assert r.status_code == 200, r.text
     answer = r.json()["choices"][0]["message"]["content"]
     assert answer.strip() == _expected(vlm_server.base, red)
+    assert vlm_server.server.engine.max_context == 512  # the language model's, from its text_config
     text_only = httpx.post(vlm_server.url + "/v1/chat/completions", timeout=120, json={
         **body, "messages": [{"role": "user", "content": QUESTION}]}).json()
     assert r.json()["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]  # image tokens counted
