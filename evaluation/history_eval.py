@@ -31,6 +31,7 @@ import torch
 
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import TRAIN_ADAPTER
+from cladapt.budget import DEFAULT_MAX_NEW_TOKENS
 from cladapt.evaluation import scoring as E
 from cladapt.evaluation.accuracy_matrix import Row, cached_baseline, eval_files, recorded_rows, score_key
 from cladapt.evaluation.general_text import general_texts, perplexity
@@ -51,7 +52,7 @@ class EvalOptions:
 
     history: bool = True
     mode: str = "generate"
-    max_new_tokens: int | None = 50  # None: auto (longest label + margin)
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # None: auto (longest label + margin)
     batch_size: int = 16
     limit: int | None = None  # rows per task (seeded sample); None = all
     ppl_files: list[str] | None = None
@@ -64,7 +65,7 @@ class EvalOptions:
     def from_config(cls, cfg: RunConfig) -> EvalOptions:
         e = cfg.eval
         return cls(
-            history=e.on_history, mode=e.mode, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+            history=e.on_history, mode=e.mode, max_new_tokens=e.budget, batch_size=e.batch_size,
             limit=e.limit, ppl_files=list(e.ppl_data) if e.ppl_data else None, ppl_samples=e.ppl_samples,
             ppl_length=e.ppl_length, precision=cfg.train.mixed_precision,
         )

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cladapt.budget import DEFAULT_MAX_NEW_TOKENS
 from cladapt.errors import ConfigError, DataError, Issue
 from cladapt.evaluation.label_scores import label_logprobs
 from cladapt.precision import autocast
@@ -97,26 +98,32 @@ def load_eval_set(
     labels: Sequence[str] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    split: str | None = None,
+    default_task: str | None = None,
 ) -> EvalSet:
-    """Load held-out data (any format ``cladapt train`` accepts).
+    """Load held-out data (any source ``cladapt train`` accepts: files, dataset folders and names).
 
     Args:
+        task: the task the rows belong to; else the rows' ``task`` field, else ``default_task``
+            (the evaluated adapter's), else the first file's name.
         labels: the task's label set; default: the distinct answers, if they look like labels.
         limit: keep a seeded random sample of this many rows (file order is kept).
+        split: the split of dataset folders and names given without ``:SPLIT`` (default train).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError([Issue("limit", f"must be a positive number of rows, got {limit!r}")])
-    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
-    data = load_examples(paths)
+    sources = [path] if isinstance(path, (str, Path)) else list(path)
+    data = load_examples(sources, split=split)
     examples = data.examples
     if limit is not None and limit < len(examples):
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
         examples = [examples[i] for i in keep]
     answers = [ex.answer for ex in data.examples]
     label_set = list(labels) if labels else (sorted(set(answers)) if is_classification(answers) else None)
-    name = task or str(data.examples[0].meta.get("task") or paths[0].stem)
-    files = [str(p.resolve()) for p in paths]
-    return EvalSet(name, examples, files, files_sha256(paths) if all(p.is_file() for p in paths) else data.sha256, label_set)
+    name = task or str(data.examples[0].meta.get("task") or default_task or Path(sources[0]).stem)
+    files = data.manifest_data()["files"]
+    local = all(Path(p).is_file() for p in sources)
+    return EvalSet(name, examples, files, files_sha256(sources) if local else data.sha256, label_set)
 
 
 def files_sha256(paths: Sequence[str | Path]) -> str:
@@ -139,9 +146,9 @@ def eval_set_from_examples(task: str, examples: list[Example], labels: Sequence[
 def auto_max_new_tokens(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str] | None, *, margin: int = 4) -> int:
     """Longest label in tokens + ``margin``: classification answers are short, and decoding past that
     can only turn a would-be exact match into a miss if the model adds text after ``margin`` tokens
-    of punctuation/space. Generative tasks keep the spec's 50."""
+    of punctuation/space. Generative tasks keep the spec's 50 (:data:`cladapt.budget.DEFAULT_MAX_NEW_TOKENS`)."""
     if not labels:
-        return 50
+        return DEFAULT_MAX_NEW_TOKENS
     return max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels) + margin
 
 
@@ -179,7 +186,7 @@ def evaluate(
     evalset: EvalSet,
     *,
     mode: Mode = "generate",
-    max_new_tokens: int | None = 50,
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
     progress: Progress | None = None,
     precision: str = "no",

@@ -127,6 +127,12 @@ class StoreAnnotations:
                 claim.release(remove=True)
         return target
 
+    def shared_keys(self, kind: str) -> builtins.list[str]:
+        """The keys of every shared state of ``kind`` written so far (sorted; leftovers of a replace skipped)."""
+        folder = refuse_symlinks(self.root, self.root / "shared" / validate_name(kind, what="shared-state kind"))
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+        return [key for key in names if self.read_shared(kind, key) is not None]
+
     def read_shared(self, kind: str, key: str) -> Path | None:
         """The verified shared-state folder ``kind/key``, or None if it was never written.
 

@@ -50,7 +50,7 @@ def continual_extension(
             return
         sets = {t: E.load_eval_set(f, task=t, limit=cfg.eval.samples, seed=cfg.train.seed) for t, f in files.items()}
         ctx.plugins.append(ContinualEval(task, sets, cfg.eval.every, tokenizer=ctx.tokenizer,
-                                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                         max_new_tokens=cfg.eval.budget, batch_size=cfg.eval.batch_size,
                                          precision=cfg.train.mixed_precision))
 
     return extend

@@ -140,6 +140,29 @@ def load_record(store: Store, base: BaseModelInfo) -> ReplayRecord | None:
     return record
 
 
+def recorded(store: Store, *, base: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(key, gere.json) of every replay record in the registry, or of the one of ``base`` (an id or folder)."""
+    out = []
+    for key in store.shared_keys(GERE_KIND):
+        folder = store.read_shared(GERE_KIND, key)
+        if folder is not None:
+            out.append((key, json.loads((folder / "gere.json").read_text())))
+    if base is not None:
+        from cladapt.base_model import fingerprint_folder, resolve_path
+
+        resolved = resolve_path(base)
+        fp, tok = fingerprint_folder(resolved) if isinstance(resolved, Path) else ("", "")
+        out = [(k, m) for k, m in out if k == f"{fp}.{tok}"]
+    return out
+
+
+def recorded_texts(store: Store, key: str, n: int) -> list[str]:
+    """The first ``n`` replay texts of record ``key`` (what its statistics were computed on)."""
+    folder = store.read_shared(GERE_KIND, key)
+    lines = (folder / "gere_texts.jsonl").read_text().splitlines()[:n] if folder else []
+    return [json.loads(line)["text"] for line in lines]
+
+
 # ------------------------------------------------------------------------------ recording
 
 

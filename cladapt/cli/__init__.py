@@ -13,7 +13,7 @@ import sys
 import click
 
 from cladapt import __version__
-from cladapt.cli import data, hub, methods, registry, route, train
+from cladapt.cli import bench, data, gate, hub, methods, registry, route, train
 from cladapt.cli import eval as eval_cli
 from cladapt.cli import serve as serve_cli
 from cladapt.cli.common import err_console, mute_followers
@@ -72,7 +72,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     mute_followers()  # torchrun / accelerate launch: standard output from process 0 only
 
 
-for _module in (train, registry, methods, data, eval_cli, hub, route, serve_cli):
+for _module in (train, registry, methods, data, eval_cli, gate, bench, hub, route, serve_cli):
     for _command in _module.commands:
         cli.add_command(_command)
 

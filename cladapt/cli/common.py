@@ -105,6 +105,21 @@ def flat_items(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def actor() -> str:
+    """Who is recorded in the audit log: ``$CLADAPT_ACTOR``, else the login name."""
+    import getpass
+
+    try:
+        return os.environ.get("CLADAPT_ACTOR") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "cladapt"
+
+
+def fixed(value: Any, digits: int = 1) -> str:
+    """A score as a table cell: floats with ``digits`` decimals, None as ``-``."""
+    return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
 def scalar(value: Any) -> str:
     """One value as a table cell: floats with 4 significant digits, None as ``-``."""
     if value is None:
@@ -139,6 +154,11 @@ class _Budget(click.ParamType):
             return parse_max_new_tokens(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+def budget_type() -> click.ParamType:
+    """The ``N|auto`` parameter type of every ``--max-new-tokens``."""
+    return _Budget()
 
 
 def max_new_tokens_option(auto_means: str) -> Callable[[F], F]:

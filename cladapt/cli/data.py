@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -245,19 +244,6 @@ def replay_init(
     )
 
 
-def _records(store: Any) -> list[tuple[str, dict[str, Any]]]:
-    from cladapt.train.replay import GERE_KIND
-
-    folder = store.shared_dir(GERE_KIND, "x").parent
-    out = []
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if sub.is_dir() and not sub.name.startswith("."):
-            path = store.read_shared(GERE_KIND, sub.name)
-            if path is not None:
-                out.append((sub.name, json.loads((path / "gere.json").read_text())))
-    return out
-
-
 @replay_group.command("show")
 @registry_option
 @click.option("--base-model", default=None, help="only the record of this base model")
@@ -265,22 +251,11 @@ def _records(store: Any) -> list[tuple[str, dict[str, Any]]]:
 @click.option("--json", "as_json", is_flag=True)
 def replay_show(registry: Path | None, base_model: str | None, n_texts: int, as_json: bool) -> None:
     """List the replay records in the registry (one per base model and tokenizer)."""
-    from cladapt.base_model import fingerprint_folder, resolve_path
+    from cladapt.train.replay_record import recorded, recorded_texts
 
     store = open_store(registry)
-    records = _records(store)
-    if base_model:
-        resolved = resolve_path(base_model)
-        fp, tok = fingerprint_folder(resolved) if isinstance(resolved, Path) else ("", "")
-        records = [(k, m) for k, m in records if k == f"{fp}.{tok}"]
-    texts: dict[str, list[str]] = {}
-    if n_texts:
-        from cladapt.train.replay import GERE_KIND
-
-        for key, _ in records:
-            path = store.read_shared(GERE_KIND, key)
-            lines = (path / "gere_texts.jsonl").read_text().splitlines()[:n_texts] if path else []
-            texts[key] = [json.loads(x)["text"] for x in lines]
+    records = recorded(store, base=base_model)
+    texts = {key: recorded_texts(store, key, n_texts) for key, _ in records} if n_texts else {}
     if as_json:
         echo_json([{"key": k, **m, **({"texts": texts[k]} if k in texts else {})} for k, m in records])
         return

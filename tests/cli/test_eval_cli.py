@@ -131,9 +131,9 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     changed = [a if a != "lora.r=2" else "lora.r=4" for a in args]
     bad = run(*changed, ok=False)
     assert bad.exit_code == 1 and "measured with other settings (lora.r)" in bad.output and "--fresh" in bad.output
+    from cladapt.bench.cl_spec import config_changes
     from cladapt.config import load_config
     from cladapt.registry.store import Store
-    from cladapt.bench.cl_spec import config_changes
 
     store = Store.open(tmp_path / "work" / "cl_o1_smoke" / "registries" / "inc-lora")
     cfg = load_config(method="inc-lora", overrides=["lora.r=4"])[0]
@@ -143,8 +143,8 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
 
 
 def test_bench_cl_variants_parse_and_run(tmp_path, tiny_base_path) -> None:
-    from cladapt.errors import ConfigError
     from cladapt.bench.cl_spec import EQUAL_BUDGET, parse_cell
+    from cladapt.errors import ConfigError
 
     assert parse_cell("seq-lora") == ("seq-lora", EQUAL_BUDGET)
     assert parse_cell("olora+asd") == ("olora", [*EQUAL_BUDGET, "asd.enabled=true"])

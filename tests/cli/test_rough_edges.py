@@ -78,3 +78,32 @@ def test_registry_verify_json(evaluated: Path) -> None:
     report = json.loads(bad.stdout)
     assert bad.exit_code == 1 and not report["ok"]
     assert any("adapter_model.safetensors" in p["where"] + p["message"] for p in report["problems"])
+
+
+def test_eval_records_are_named_after_the_task_not_the_file(evaluated: Path, tmp_path: Path) -> None:
+    held_out = write_jsonl(tmp_path / "sentiment_test.jsonl", task_rows("sentiment", 4))  # rows without a task field
+    out = cli_run("eval", "--registry", evaluated, "--adapter", "sentiment", "--data", held_out,
+                  "--max-new-tokens", "auto").stdout
+    assert "recorded on sentiment@1 as eval-sentiment" in out
+    cli_run("eval", "--registry", evaluated, "--adapter", "sentiment", "--data", held_out, "--name", "eval-sentiment-hard",
+            "--max-new-tokens", "2")
+    evals = json.loads(cli_run("show", "--registry", evaluated, "sentiment@1", "--json").stdout)["evaluations"]
+    assert set(evals) == {"eval-sentiment", "eval-sentiment-hard"}
+    assert evals["eval-sentiment"]["max_new_tokens"] > 2 and evals["eval-sentiment-hard"]["max_new_tokens"] == 2
+    bad = cli_run("eval", "--data", held_out, "--name", "x", "--base-model", evaluated, ok=False)
+    assert bad.exit_code == 2 and "--name names a record on a version" in bad.output
+
+
+def test_training_evaluation_takes_auto(tmp_path: Path, tiny_base_path: Path, two_tasks: dict[str, Path]) -> None:
+    from cladapt.base_model import load_tokenizer
+    from cladapt.evaluation.scoring import auto_max_new_tokens
+
+    reg = tmp_path / "reg"
+    cli_run("registry", "init", reg)
+    test = write_jsonl(tmp_path / "t.jsonl", task_rows("sentiment", 4))
+    cli_run("train", "--registry", reg, "--task", "sentiment", "--data", two_tasks["sentiment"], "--eval-data", test,
+            "--base-model", tiny_base_path, *set_args(**{"eval.max_new_tokens": "auto"}))
+    scores = json.loads(cli_run("show", "--registry", reg, "sentiment@1", "--json").stdout)["metrics"]["eval"]
+    expected = auto_max_new_tokens(load_tokenizer(str(tiny_base_path)), ["negative", "positive"])
+    assert scores["scores"]["sentiment"]["max_new_tokens"] == expected
+    assert str(scores["rule"]["max_new_tokens"]).startswith("auto")
