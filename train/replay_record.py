@@ -203,6 +203,43 @@ def disabled_adapters(model: Any) -> Any:
 
 
 @torch.no_grad()
+def _final_states(
+    model: Any, input_ids: torch.Tensor, lengths: torch.Tensor, *, pad: int, batch_size: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """The base's final-norm hidden states per batch (padding zeroed), with the fp64 sum, sum of
+    squares and count over every real token (adapters off, eval mode, the mode restored after)."""
+    width = input_ids.shape[1]
+    was_training = model.training
+    model.eval()
+    states: list[torch.Tensor] = []
+    total = total_sq = None
+    count = 0
+    try:
+        with disabled_adapters(model):
+            for start in range(0, len(input_ids), batch_size):
+                batch_ids = input_ids[start : start + batch_size].long()
+                mask = (torch.arange(width)[None, :] < lengths[start : start + batch_size, None]).long()
+                batch_ids = torch.where(mask.bool(), batch_ids, torch.full_like(batch_ids, pad))
+                out = model(
+                    input_ids=batch_ids.to(model.device),
+                    attention_mask=mask.to(model.device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+                h = out.hidden_states[-1].float().cpu()  # [b, width, d]: the final-norm output
+                real = h[mask.bool()].double()  # [tokens, d]
+                total = real.sum(0) if total is None else total + real.sum(0)
+                total_sq = (real * real).sum(0) if total_sq is None else total_sq + (real * real).sum(0)
+                count += real.shape[0]
+                states.append(h * mask[..., None])
+    finally:
+        model.train(was_training)
+    if total is None or total_sq is None:
+        raise CladaptError("no replay text to record", hint="pass texts with at least 2 tokens each")
+    return states, total, total_sq, count
+
+
+@torch.no_grad()
 def record(
     model: Any,
     tokenizer: Any,
@@ -232,33 +269,8 @@ def record(
     lengths = torch.tensor([len(x) for x in ids], dtype=torch.int32)
     for j, x in enumerate(ids):
         input_ids[j, : len(x)] = torch.tensor(x, dtype=torch.int32)
-    was_training = model.training
-    model.eval()
-    states: list[torch.Tensor] = []
-    total = total_sq = None
-    count = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with disabled_adapters(model):
-            for start in range(0, len(ids), batch_size):
-                batch_ids = input_ids[start : start + batch_size].long()
-                mask = (torch.arange(width)[None, :] < lengths[start : start + batch_size, None]).long()
-                batch_ids = torch.where(mask.bool(), batch_ids, torch.full_like(batch_ids, pad))
-                out = model(
-                    input_ids=batch_ids.to(model.device),
-                    attention_mask=mask.to(model.device),
-                    output_hidden_states=True,
-                    use_cache=False,
-                )
-                h = out.hidden_states[-1].float().cpu()  # [b, width, d]: the final-norm output
-                real = h[mask.bool()].double()  # [tokens, d]
-                total = real.sum(0) if total is None else total + real.sum(0)
-                total_sq = (real * real).sum(0) if total_sq is None else total_sq + (real * real).sum(0)
-                count += real.shape[0]
-                states.append(h * mask[..., None])
-    finally:
-        model.train(was_training)
-    assert total is not None and total_sq is not None
+    states, total, total_sq, count = _final_states(model, input_ids, lengths, pad=pad, batch_size=batch_size)
     mu64 = total / count
     sd64 = (total_sq / count - mu64 * mu64).clamp_min(0).sqrt()
     mu, sd = mu64.float(), sd64.float()
@@ -267,24 +279,13 @@ def record(
     regions = region_codes(all_states, pos, neg)
     regions[torch.arange(width)[None, :] >= lengths[:, None]] = 0
     meta = {
-        "format": FORMAT,
-        "base": base.as_dict(),
-        "n": len(ids),
-        "max_tokens": max_tokens,
-        "width": width,
-        "hidden_size": int(mu.numel()),
-        "k_sigma": k_sigma,
-        "tokens": count,
-        "dropped_texts": dropped,
-        "chunked": chunk,
-        "states": keep_states,
-        "layer": "hidden_states[-1] (after the final norm)",
+        "format": FORMAT, "base": base.as_dict(), "n": len(ids), "max_tokens": max_tokens, "width": width,
+        "hidden_size": int(mu.numel()), "k_sigma": k_sigma, "tokens": count, "dropped_texts": dropped,
+        "chunked": chunk, "states": keep_states, "layer": "hidden_states[-1] (after the final norm)",
         "tokenization": {"add_special_tokens": False, "truncation": "right", "padding": "right"},
-        "texts_sha256": texts_sha256([t["text"] for t in kept]),
-        "source": source or {"kind": "given"},
+        "texts_sha256": texts_sha256([t["text"] for t in kept]), "source": source or {"kind": "given"},
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "seconds": round(time.time() - started, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     logger.info("GeRe: recorded %d texts, %d tokens, d=%d in %.1fs", len(ids), count, mu.numel(), meta["seconds"])
     return ReplayRecord(
