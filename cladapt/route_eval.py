@@ -20,10 +20,10 @@ from cladapt.errors import DataError, Issue
 from cladapt.serve.routers.accuracy import RoutingAccuracy, routing_accuracy
 
 if TYPE_CHECKING:
+    from cladapt.evaluation.scoring import EvalResult, EvalSet
     from cladapt.serve.routers.base import Route
     from cladapt.serve.routers.session import RoutingSession
     from cladapt.train.data import Example
-    from cladapt.evaluation.scoring import EvalResult, EvalSet
 
 
 @dataclass
@@ -157,9 +157,9 @@ def evaluate_routed(session: RoutingSession, evalset: EvalSet, routes: Sequence[
     in batches under :func:`~cladapt.serve.routers.jare.row_weights`; Arrow rows through PEFT's
     Arrow model. ``kwargs`` go to :func:`cladapt.evaluation.scoring.evaluate` (mode, budget, precision).
     """
+    from cladapt.evaluation.scoring import evaluate
     from cladapt.features import adapter_on, adapters_off
     from cladapt.serve.routers.jare import applied, plan_of
-    from cladapt.evaluation.scoring import evaluate
 
     batch = int(kwargs.pop("batch_size", 16))
     parts: list[tuple[int, EvalResult]] = []

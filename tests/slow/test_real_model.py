@@ -59,8 +59,8 @@ def test_packed_constrained_scoring_matches_cached_on_default_model() -> None:
     import torch
     from conftest import CL_BENCHMARK
 
-    from cladapt.base_model import load
     from cladapt import evaluation as E
+    from cladapt.base_model import load
 
     if not (CL_BENCHMARK / "dbpedia" / "test.jsonl").is_file():
         pytest.skip("the CL benchmark data is not beside the project")
