@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import LoraSpec, MethodConfig
-from cladapt.adapters.targets import check_lora_fits  # noqa: F401  (checked where the model is loaded)
 from cladapt.base_model import DEFAULT_BASE_MODEL
 from cladapt.budget import DEFAULT_MAX_NEW_TOKENS, parse_max_new_tokens
 from cladapt.errors import CladaptError, ConfigError, Issue

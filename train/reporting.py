@@ -84,11 +84,12 @@ def keep_logs(staging: Staging, train: TrainSettings, run_dir: Path) -> int:
 
 
 class LossCurve(TrainerCallback):  # type: ignore[misc]
-    """Records (optimizer step, training loss) at every logging step, for the manifest and the report."""
+    """Writes ``loss_curve``, [[optimizer step, training loss], ...], into ``target`` (the run's train_stats)
+    when training ends: from the Trainer's own log history, so a resumed run's curve covers every step."""
 
-    def __init__(self) -> None:
-        self.points: list[list[float]] = []
+    def __init__(self, target: dict[str, Any]) -> None:
+        self.target = target
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs and isinstance(logs.get("loss"), (int, float)):
-            self.points.append([int(state.global_step), round(float(logs["loss"]), 6)])
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.target["loss_curve"] = [[int(h["step"]), round(float(h["loss"]), 6)] for h in state.log_history
+                                     if isinstance(h.get("loss"), (int, float)) and "step" in h]

@@ -29,9 +29,9 @@ from cladapt import distributed
 from cladapt.adapters import METHODS
 from cladapt.adapters.base import TRAIN_ADAPTER, CLMethod, Sidecars, TaskSpec, TrainingPlugin
 from cladapt.adapters.compose import factors, folded
+from cladapt.adapters.targets import check_lora_fits
 from cladapt.base_model import BaseModelInfo, check_compatible
 from cladapt.base_model import load as load_base
-from cladapt.config import check_lora_fits
 from cladapt.errors import CladaptError
 from cladapt.evaluation.gate import Admission
 from cladapt.evaluation.history_eval import TrainedModel
@@ -43,6 +43,7 @@ from cladapt.train.distributed import commit_once, on_main, require_deepspeed, s
 from cladapt.train.history import StoreHistory
 from cladapt.train.loop import CLTrainer
 from cladapt.train.progress import use_training_progress
+from cladapt.train.reporting import LossCurve, keep_logs, report_settings
 from cladapt.train.signatures import signature_sidecars
 from cladapt.train.trainer_setup import check_zero3, encoded_rows, latest_complete_checkpoint, training_arguments
 from cladapt.train.vision_encode import collator_for
@@ -247,9 +248,10 @@ def _trainer(p: _Prepared, peft_model: Any, run_dir: Path, plugins: list[Trainin
     cfg = p.ctx.config
     world = distributed.world_size()
     steps_per_epoch = max(1, len(p.rows) // (cfg.train.batch_size * cfg.train.grad_accum * world))
+    report_to, reporters = report_settings(cfg.train, run_dir)  # TensorBoard / W&B / MLflow (train.report_to)
     trainer = CLTrainer(
         model=peft_model,
-        args=training_arguments(cfg, run_dir, steps_per_epoch=steps_per_epoch),
+        args=training_arguments(cfg, run_dir, steps_per_epoch=steps_per_epoch, report_to=report_to),
         train_dataset=datasets.Dataset.from_list(p.rows),
         data_collator=collator_for(p.ctx.tokenizer),
         plugins=plugins,
@@ -257,7 +259,7 @@ def _trainer(p: _Prepared, peft_model: Any, run_dir: Path, plugins: list[Trainin
         loss_logits=cfg.train.loss_logits,
         group_by_length=cfg.train.group_by_length,
         length_window=cfg.train.length_window,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *reporters, LossCurve(p.ctx.manifest_extra.setdefault("train_stats", {}))],
     )
     use_training_progress(trainer)  # rounded, named log lines instead of the Trainer's raw dicts
     return trainer
@@ -344,7 +346,7 @@ def train_task(
         on_main(lambda: sidecars.merge(signature_sidecars(peft_model, p.ctx.tokenizer, p.data.examples,
                                                           adapter=TRAIN_ADAPTER, seed=cfg.train.seed, base=p.ctx.base)))
         # one registry write per run: process 0 commits, the others read the version it committed
-        record = commit_once(store, lambda: _commit(store, p, peft_model, sidecars, result, admission))
+        record = commit_once(store, lambda: _commit(store, p, peft_model, sidecars, result, admission, Path(run_path)))
         if run is not None:  # committed: the checkpoints are no longer needed for --resume
             run.finish()
     except BaseException:
@@ -379,12 +381,14 @@ def _note_other_bases(ctx: RunContext, method: CLMethod, history: StoreHistory) 
 
 
 def _commit(
-    store: Store, p: _Prepared, peft_model: Any, sidecars: Sidecars, result: Any, admission: Admission | None
+    store: Store, p: _Prepared, peft_model: Any, sidecars: Sidecars, result: Any, admission: Admission | None,
+    run_dir: Path,
 ) -> VersionRecord:
     ctx, cfg, data = p.ctx, p.ctx.config, p.data
     admission = admission or Admission()
     with store.stage(ctx.task) as staging:
         peft_model.save_pretrained(str(staging.adapter_dir), selected_adapters=[TRAIN_ADAPTER])
+        keep_logs(staging, cfg.train, run_dir)  # TensorBoard files of the run's folder, kept with the version
         # PEFT writes adapters other than "default" into a subfolder; ours is "default"
         for stem, tensors in sidecars.tensors.items():
             staging.write_tensors(f"sidecars/{stem}.safetensors", tensors)
@@ -396,8 +400,7 @@ def _commit(
             composition=p.method.composition,
             base_model=ctx.base.as_dict(),
             lora=cfg.lora.model_dump(mode="json"),
-            data={"files": [str(Path(f).resolve()) for f in data.files], "sha256": data.sha256, "rows": len(data.examples),
-                  **p.stats},
+            data={**data.manifest_data(), **p.stats},  # files or datasets (name, split, fingerprint), rows' sha256
             config=cfg.model_dump(mode="json"),
             seed=cfg.train.seed,
             parents=p.method.parents(p.history),

@@ -67,7 +67,8 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def training_arguments(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> Any:
+def training_arguments(cfg: RunConfig, out: Path, *, steps_per_epoch: int, report_to: list[str] | None = None) -> Any:
+    """``report_to``: the Trainer integrations (cladapt.train.reporting.report_settings); none by default."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -89,7 +90,7 @@ def training_arguments(cfg: RunConfig, out: Path, *, steps_per_epoch: int) -> An
         save_total_limit=2,
         seed=t.seed,
         data_seed=t.seed,
-        report_to=[],
+        report_to=report_to or ["none"],
         remove_unused_columns=False,
         dataloader_num_workers=0,
         activation_checkpointing=t.gradient_checkpointing,
