@@ -7,13 +7,16 @@ methods) share it::
      "runs": {name: {"tasks": [...], "refs": [...], "R": [[...]], "b": [...], "metrics": {...},
                      "format_rate": [[...]], "constrained": [[...]], "ppl": [...], "ppl_base": float,
                      "curves": [{"step", "task", "kind", "scores"}, ...]}},
-     "gate": [{"ref", "status", "admitted", "reasons"}, ...]}
+     "gate": [{"ref", "status", "admitted", "reasons"}, ...],
+     "versions": [{"ref", "method", "r", "status", "base", "rows", "created", "train_loss", "loss_curve"}, ...]}
 
 Per run it draws ``heatmap_<run>.png`` (R with b as the first row), ``curves_<run>.png`` (each
 task's score after every training stage, or the continual-evaluation curves with task switches
 when present) and ``forgetting_<run>.png`` (per task: the drop in strict accuracy next to the drop
 in format rate, superficial forgetting, and in constrained accuracy, essential forgetting;
-methods.md §4.3). ``index.html`` holds every number as a table too.
+methods.md §4.3; a sentence instead when nothing was forgotten). With ``versions`` it adds the
+version table and ``loss.png``, the training-loss curve of each version. Legends sit right of the
+axes, where they hide nothing. ``index.html`` holds every number as a table too.
 """
 
 from __future__ import annotations
@@ -47,6 +50,31 @@ def _plt() -> Any:
     return plt
 
 
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the axes, where it cannot hide a line or a bar."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def loss_curves(versions: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Training loss against optimizer step, one line per version (``train_stats.loss_curve``)."""
+    drawn = [v for v in versions if v.get("loss_curve")]
+    if not drawn:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    for v in drawn:
+        steps, losses = zip(*v["loss_curve"], strict=True)
+        ax.plot(steps, losses, marker="." if len(steps) < 40 else None, label=v["ref"])
+    ax.set_xlabel("optimizer step (each version's own run)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def heatmap(run: dict[str, Any], path: Path, title: str) -> None:
     plt = _plt()
     tasks, R, b = run["tasks"], run["R"], run.get("b") or []
@@ -71,7 +99,7 @@ def heatmap(run: dict[str, Any], path: Path, title: str) -> None:
 
 def curves(run: dict[str, Any], path: Path, title: str) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     points = run.get("curves") or []
     tasks = run["tasks"]
     if points:
@@ -92,7 +120,7 @@ def curves(run: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylim(-2, 102)
     ax.set_ylabel("score %")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -112,13 +140,23 @@ def forgetting_split(run: dict[str, Any]) -> dict[str, list[float | None]]:
     return out
 
 
+#: drops smaller than this (points) count as nothing forgotten: a chart of zero-height bars says nothing
+NO_FORGETTING = 0.05
+
+
+def forgetting_measured(split: dict[str, list[float | None]]) -> bool:
+    """True when some task lost (or gained) measurably since it was learned."""
+    return any(d is not None and abs(d) >= NO_FORGETTING for drops in split.values() for d in drops)
+
+
 def forgetting_plot(run: dict[str, Any], path: Path, title: str) -> bool:
+    """Draw the forgetting split; False (nothing drawn) when there is nothing to show."""
     split = forgetting_split(run)
-    if not split:
+    if not forgetting_measured(split):
         return False
     plt = _plt()
     tasks = run["tasks"][:-1]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(tasks), 3.4))
+    fig, ax = plt.subplots(figsize=(3.0 + 1.1 * len(tasks), 3.4))
     width = 0.8 / len(split)
     for k, (name, drops) in enumerate(split.items()):
         ax.bar([i + k * width for i in range(len(tasks))], [d or 0.0 for d in drops], width, label=name)
@@ -126,7 +164,7 @@ def forgetting_plot(run: dict[str, Any], path: Path, title: str) -> bool:
     ax.set_xticks([i + width * (len(split) - 1) / 2 for i in range(len(tasks))], tasks)
     ax.set_ylabel("drop (points)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,7 +178,7 @@ def comparison(runs: dict[str, dict[str, Any]], path: Path) -> bool:
     if not names:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(keys), 3.4))
+    fig, ax = plt.subplots(figsize=(3.0 + 1.6 * len(keys), 3.4))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         vals = [runs[name]["metrics"].get(m) or 0.0 for m in keys]
@@ -149,7 +187,7 @@ def comparison(runs: dict[str, dict[str, Any]], path: Path) -> bool:
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(keys))], keys)
     ax.set_ylabel("points")
     ax.set_title("methods compared")
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,6 +215,34 @@ STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f0f0f0}td:first-child{text-align:left}img{max-width:100%;margin:4px 8px 4px 0;border:1px solid #eee}
 .figs{display:flex;flex-wrap:wrap;align-items:flex-start}.rej{color:#b00}.ok{color:#070}.meta{color:#555;font-size:90%}h2{border-bottom:1px solid #ddd}"""
+
+
+def _forgetting_html(run: dict[str, Any], out: Path, name: str, slug: str, imgs: list[str]) -> str:
+    """The forgetting split as a table and a chart, or a sentence saying none was measured."""
+    split = forgetting_split(run)
+    if not forgetting_plot(run, out / f"forgetting_{slug}.png", f"{name}: forgetting split"):
+        why = "one task so far" if len(run["tasks"]) < 2 else (
+            "no earlier task was re-scored (train with --eval-on-history)" if not split
+            else "every earlier task kept its score")
+        return f"<p><b>No forgetting measured</b>: {why}.</p>"
+    imgs.append(f"forgetting_{slug}.png")
+    return ("<p>Forgetting split (points lost from right-after-learning to the end; format rate = "
+            "superficial, constrained = essential):</p>"
+            + _table(["view", *map(html.escape, run["tasks"][:-1])], [[k, *[_fmt(v) for v in vals]] for k, vals in split.items()]))
+
+
+def _versions_html(versions: list[dict[str, Any]], out: Path) -> str:
+    """Every version (method, rank, status, base, data rows, created) and their training-loss curves."""
+    if not versions:
+        return ""
+    rows = [[html.escape(v["ref"]), html.escape(v["method"]), _fmt(v["r"]), html.escape(v["status"]),
+             html.escape(str(v["base"])), _fmt(v["rows"]), html.escape(v["created"][:19].replace("T", " ")),
+             _fmt(v.get("train_loss"), 4)] for v in versions]
+    part = "<h2>Versions</h2>" + _table(["version", "method", "rank", "status", "base model", "data rows", "created",
+                                         "final loss"], rows)
+    if loss_curves(versions, out / "loss.png", "training loss"):
+        part += "<div class='figs'><img src='loss.png' alt='loss.png'></div>"
+    return part
 
 
 def write_report(data: dict[str, Any], out: Path) -> Path:
@@ -208,14 +274,9 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
         heatmap(run, out / f"heatmap_{slug}.png", f"{name}: R[t][i]")
         curves(run, out / f"curves_{slug}.png", f"{name}: scores over training")
         imgs = [f"heatmap_{slug}.png", f"curves_{slug}.png"]
-        if forgetting_plot(run, out / f"forgetting_{slug}.png", f"{name}: forgetting split"):
-            imgs.append(f"forgetting_{slug}.png")
-            split = forgetting_split(run)
-            parts.append("<p>Forgetting split (points lost from right-after-learning to the end; format rate = "
-                         "superficial, constrained = essential):</p>")
-            parts.append(_table(["view", *map(html.escape, run["tasks"][:-1])],
-                                [[k, *[_fmt(v) for v in vals]] for k, vals in split.items()]))
+        parts.append(_forgetting_html(run, out, name, slug, imgs))
         parts.append("<div class='figs'>" + "".join(f"<img src='{i}' alt='{i}'>" for i in imgs) + "</div>")
+    parts.append(_versions_html(data.get("versions") or [], out))
     gate = data.get("gate") or []
     if gate:
         rows = [[html.escape(g["ref"]), html.escape(g.get("status", "")),
@@ -249,5 +310,24 @@ def registry_report_data(store: Any) -> dict[str, Any]:
     run["curves"] = points
     gate = [{"ref": r.ref, "status": r.status, "admitted": r.gate.get("admitted"), "reasons": r.gate.get("reasons")}
             for r in rows if r.gate]
-    return {"title": f"cladapt report: {store.root}", "meta": {"versions evaluated": len(rows)},
-            "runs": {"registry": run}, "gate": gate}
+    name = registry_name(store.root)
+    versions = [version_row(r) for r in sorted(store.list(), key=lambda r: r.created)]
+    title = f"{name}: {' → '.join(view.tasks)}" if view.tasks else name
+    return {"title": title, "meta": {"registry": name, "versions": len(versions), "versions evaluated": len(rows)},
+            "runs": {name: run}, "gate": gate, "versions": versions}
+
+
+def registry_name(root: Path) -> str:
+    """What a registry is called in a report: its folder's name (the parent's too for generic names)."""
+    root = Path(root).resolve()
+    if root.name in (".cladapt", "registry", "reg") and root.parent.name:
+        return f"{root.parent.name}/{root.name}"
+    return root.name or str(root)
+
+
+def version_row(rec: Any) -> dict[str, Any]:
+    """One line of the version table, with the loss curve its run recorded."""
+    stats = rec.manifest.train_stats
+    return {"ref": str(rec.ref), "method": rec.method, "r": rec.r, "status": rec.status,
+            "base": rec.manifest.base_model.get("id"), "rows": rec.manifest.data.get("rows"), "created": rec.created,
+            "train_loss": stats.get("train_loss"), "loss_curve": stats.get("loss_curve") or []}
