@@ -61,6 +61,9 @@ NOT_RUN: dict[str, str] = {
         "--multi_gpu needs GPUs; tests/distributed/test_multiprocess_train.py runs accelerate launch on CPU",
     "torchrun --nproc_per_node 2 -m cladapt train --task amazon --data amazon.jsonl --deepspeed zero2":
         "needs the deepspeed extra (not installed by make); tests/distributed/test_deepspeed.py runs it where it is",
+    "cladapt train --task imdb --data imdb:train":
+        "a dataset from the Hub (offline in CI); the README's dataset-folder commands run the same datasets.load_dataset "
+        "path, and tests/cli/test_dataset_sources.py checks an unknown name's error offline",
 }
 
 # `...` in a command (an elided argument list, or a placeholder prompt) -> what is run in its place.
@@ -168,9 +171,15 @@ VISION_SERVING = [  # then served: an image request as OpenAI content parts
     "{\"type\":\"text\",\"text\":\"What colour is the shape?\"}]}]}'",
 ]
 QLORA = ["cladapt train --task amazon --data amazon.jsonl --load-in-4bit"]  # bitsandbytes trains on CPU
+DATASETS = [  # a dataset folder (./reviews: one data file per split)
+    "cladapt data check ./reviews --data-split test",
+    "cladapt train --task reviews --data ./reviews",
+]
+REPORTING = ["cladapt train --task amazon --data amazon.jsonl --set train.report_to=tensorboard"]
 SCENARIOS: dict[str, list[str]] = {
     "quickstart": QUICKSTART, "methods": METHODS, "pipeline": PIPELINE, "self-generate": SELF_GENERATE,
     "routing": ROUTING, "serving": SERVING, "hub": HUB, "vision": VISION + VISION_SERVING, "qlora": QLORA,
+    "datasets": DATASETS, "reporting": REPORTING,
 }
 
 
@@ -348,6 +357,9 @@ def write_placeholder_data(folder: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=["instruction", "input", "output"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in ("instruction", "input", "output")} for r in task_rows("topics"))
+    (folder / "reviews").mkdir(exist_ok=True)  # a dataset folder, one data file per split
+    write_jsonl(folder / "reviews" / "train.jsonl", rows_of("yelp", 16))
+    write_jsonl(folder / "reviews" / "test.jsonl", rows_of("yelp", 5))
     pack = folder.parent / "shared" / "data" / "cl-benchmark"
     for task in ("agnews", "amazon", "dbpedia", "yahoo", "yelp"):
         (pack / task).mkdir(parents=True, exist_ok=True)
@@ -625,3 +637,22 @@ def test_qlora(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     (version,) = _store(here / ".cladapt").list()
     assert version.manifest.train_stats["quantization"]["bits"] == 4
     assert "quantization" not in (version.path / "adapter" / "adapter_config.json").read_text()  # a plain LoRA
+
+
+def test_datasets(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> None:
+    here = enter(workspace, tmp_path_factory.mktemp("datasets") / "work")
+    out = run_readme(DATASETS[0], tiny_base_path)
+    assert "5 rows" in out and "data OK" in out  # the test split
+    run_readme(DATASETS[1], tiny_base_path)
+    (version,) = _store(here / ".cladapt").list()
+    (source,) = version.manifest.data["sources"]
+    assert source["split"] == "train" and source["rows"] == 16 and source["fingerprint"]
+
+
+def test_reporting(workspace: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tiny_base_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
+    here = enter(workspace, tmp_path_factory.mktemp("reporting") / "work")
+    run_readme(REPORTING[0], tiny_base_path)
+    (version,) = _store(here / ".cladapt").list()
+    assert list((version.path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert version.manifest.train_stats["loss_curve"]
