@@ -15,6 +15,7 @@ Files of texts are read by :func:`cladapt.text.texts.load_texts`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from cladapt.text.texts import texts_sha256
@@ -127,3 +128,21 @@ def generation_settings(n: int, seed: int, max_new_tokens: int, batch_size: int)
         "prompts_sha256": texts_sha256(SEED_PROMPTS),
         **SAMPLING,
     }
+
+
+def replay_corpus(
+    model: Any, tokenizer: Any, *, texts: str | Path | None, n: int, max_tokens: int, seed: int = 0
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """The general texts replay statistics are recorded on, and where they came from (kept in ``gere.json``).
+
+    ``texts``: a file of the user's (``.jsonl``/``.json`` with ``text``, or ``.txt``), recorded with its
+    sha256; None: ``n`` texts the base model writes from the seed prompts (:func:`self_generate`).
+    """
+    if texts is not None:
+        from cladapt.registry.fsio import sha256_file
+        from cladapt.text.texts import load_texts
+
+        source = {"kind": "file", "path": str(Path(texts).resolve()), "file_sha256": sha256_file(Path(texts))[0]}
+        return load_texts(texts), source
+    rows = self_generate(model, tokenizer, n, seed=seed, max_new_tokens=max_tokens)
+    return rows, {"kind": "self-generated", "generation": generation_settings(n, seed, max_tokens, DEFAULT_BATCH_SIZE)}

@@ -331,24 +331,45 @@ def ensure_record(store: Store, model: Any, tokenizer: Any, base: BaseModelInfo,
     if existing is not None:
         _check_settings(existing, settings)
         return existing
-    from cladapt.text.texts import load_texts
-    from cladapt.train import general_texts
+    from cladapt.train.general_texts import replay_corpus
 
     n = settings.n_replay or DEFAULT_N_REPLAY
     max_tokens = settings.max_tokens or DEFAULT_MAX_TOKENS
-    if settings.texts is not None:
-        from cladapt.registry.fsio import sha256_file
-
-        texts = load_texts(settings.texts)
-        source = {"kind": "file", "path": str(Path(settings.texts).resolve()), "file_sha256": sha256_file(Path(settings.texts))[0]}
-    else:
+    if settings.texts is None:
         logger.info("GeRe: no replay record for %s; self-generating %d general texts (once per base model)", base.id, n)
-        texts = general_texts.self_generate(model, tokenizer, n, max_new_tokens=max_tokens)
-        settings_used = general_texts.generation_settings(n, 0, max_tokens, general_texts.DEFAULT_BATCH_SIZE)
-        source = {"kind": "self-generated", "generation": settings_used}
+    texts, source = replay_corpus(model, tokenizer, texts=settings.texts, n=n, max_tokens=max_tokens)
     rec = record(
         model, tokenizer, texts, base=base, n=n, max_tokens=max_tokens, k_sigma=settings.k_sigma,
         batch_size=settings.record_batch_size, keep_states=settings.loss in ("l1", "l2"), source=source,
     )
     save_record(store, rec)
     return rec
+
+
+def init_record(
+    store: Store, base_model: str, *, texts: Path | None = None, self_generate: int | None = None, n: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS, chunk: bool = False, k_sigma: float = 1.0, states: bool = False,
+    seed: int = 0, batch_size: int = 8, dtype: str = "float32", force: bool = False,
+) -> tuple[ReplayRecord, Path, BaseModelInfo]:
+    """``cladapt replay init``: record ``base_model``'s statistics on ``texts`` or ``self_generate`` N texts.
+
+    Returns:
+        (the record, where it is stored, the base it belongs to).
+
+    Raises:
+        UsageError: neither or both of ``texts`` and ``self_generate``.
+        CladaptError: a record for this base exists and ``force`` is not given.
+    """
+    from cladapt.base_model import load
+    from cladapt.errors import UsageError
+    from cladapt.train.general_texts import replay_corpus
+
+    if (texts is None) == (self_generate is None):
+        raise UsageError("give exactly one of --texts FILE and --self-generate N")
+    model, tokenizer, info = load(base_model, dtype=dtype)
+    if not force and load_record(store, info) is not None:
+        raise CladaptError(f"a replay record for {info.id} already exists", hint="add --force to replace it")
+    rows, source = replay_corpus(model, tokenizer, texts=texts, n=self_generate or 0, max_tokens=max_tokens, seed=seed)
+    rec = record(model, tokenizer, rows, base=info, n=n or self_generate or DEFAULT_N_REPLAY, max_tokens=max_tokens,
+                 k_sigma=k_sigma, batch_size=batch_size, keep_states=states, chunk=chunk, source=source)
+    return rec, save_record(store, rec), info

@@ -210,32 +210,15 @@ def replay_init(
     cladapt replay init --texts general.jsonl --n 256
     cladapt replay init --self-generate 256
     """
-    from cladapt.base_model import DEFAULT_BASE_MODEL, load
-    from cladapt.errors import CladaptError, UsageError
-    from cladapt.registry.fsio import sha256_file
-    from cladapt.text.texts import load_texts
-    from cladapt.train import general_texts
-    from cladapt.train.replay import load_record, record, save_record
+    from cladapt.base_model import DEFAULT_BASE_MODEL
+    from cladapt.train.replay_record import init_record
 
-    if (texts is None) == (self_generate is None):
-        raise UsageError("give exactly one of --texts FILE and --self-generate N")
+    if (texts is None) == (self_generate is None):  # before the default registry is created
+        raise click.UsageError("give exactly one of --texts FILE and --self-generate N")
     store = open_store(registry, create=True)
-    model, tokenizer, info = load(base_model or DEFAULT_BASE_MODEL, dtype=dtype)
-    if not force and load_record(store, info) is not None:
-        raise CladaptError(f"a replay record for {info.id} already exists", hint="add --force to replace it")
-    if texts is not None:
-        rows = load_texts(texts)
-        source = {"kind": "file", "path": str(texts.resolve()), "file_sha256": sha256_file(texts)[0]}
-    else:
-        assert self_generate is not None
-        rows = general_texts.self_generate(model, tokenizer, self_generate, seed=seed, max_new_tokens=max_tokens)
-        settings = general_texts.generation_settings(self_generate, seed, max_tokens, general_texts.DEFAULT_BATCH_SIZE)
-        source = {"kind": "self-generated", "generation": settings}
-    rec = record(
-        model, tokenizer, rows, base=info, n=n or self_generate or 256, max_tokens=max_tokens, k_sigma=k_sigma,
-        batch_size=batch_size, keep_states=states, chunk=chunk, source=source,
-    )
-    path = save_record(store, rec)
+    rec, path, info = init_record(store, base_model or DEFAULT_BASE_MODEL, texts=texts, self_generate=self_generate, n=n,
+                                  max_tokens=max_tokens, chunk=chunk, k_sigma=k_sigma, states=states, seed=seed,
+                                  batch_size=batch_size, dtype=dtype, force=force)
     m = rec.meta
     console.print(
         f"recorded [bold]{m['n']}[/] texts ({m['tokens']} tokens, width {m['width']}, d={m['hidden_size']}) "

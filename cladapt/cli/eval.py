@@ -93,7 +93,7 @@ def _eval_routed(registry: Path | None, router: str, settings: tuple[str, ...], 
     from cladapt.route_eval import evaluate_with_router, rows_from_files
 
     session = route_cli.session_for(registry, router, settings, top_k, compositions, base_model)
-    rows = rows_from_files(list(data), task=task)
+    rows = rows_from_files([Path(d) for d in data], task=task)
     if limit is not None and limit < len(rows):
         rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), limit))]
     budget = None if max_new_tokens == "auto" else int(max_new_tokens)

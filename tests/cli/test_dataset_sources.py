@@ -101,3 +101,14 @@ def test_train_records_the_dataset_in_the_manifest(tmp_path: Path, tiny_base_pat
             "--base-model", tiny_base_path, *set_args())
     data = json.loads(cli_run("show", "--registry", reg, "topics@1", "--json").stdout)["data"]
     assert data["sources"][0]["split"] == "test" and data["rows"] == 6
+
+
+def test_eval_scores_a_dataset_split(tmp_path: Path, tiny_base_path: Path, saved: Path) -> None:
+    reg = tmp_path / "reg"
+    cli_run("registry", "init", reg)
+    cli_run("train", "--registry", reg, "--task", "sentiment", "--data", saved, "--base-model", tiny_base_path,
+            *set_args())
+    out = json.loads(cli_run("eval", "--registry", reg, "--adapter", "sentiment", "--data", saved, "--data-split", "test",
+                             "--max-new-tokens", "2", "--json").stdout)
+    assert out["n"] == 4 and out["files"] == [f"{saved.resolve()}[test]"]
+    assert "eval-sentiment" in json.loads(cli_run("show", "--registry", reg, "sentiment", "--json").stdout)["evaluations"]
