@@ -50,6 +50,18 @@ def _plt() -> Any:
     return plt
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINES = ("-", "--", "-.", ":")
+
+
+def _style(k: int, *, markers: bool = True) -> dict[str, Any]:
+    """Line ``k``'s marker and dash: lines with equal scores stay told apart (a later one never hides an earlier)."""
+    style: dict[str, Any] = {"linestyle": _LINES[k % len(_LINES)], "alpha": 0.85}
+    if markers:
+        style.update(marker=_MARKERS[k % len(_MARKERS)], markersize=7 - min(k, 3), markerfacecolor="none")
+    return style
+
+
 def _legend_outside(ax: Any) -> None:
     """The legend right of the axes, where it cannot hide a line or a bar."""
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -64,7 +76,7 @@ def loss_curves(versions: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for v in drawn:
         steps, losses = zip(*v["loss_curve"], strict=True)
-        ax.plot(steps, losses, marker="." if len(steps) < 40 else None, label=v["ref"])
+        ax.plot(steps, losses, **_style(drawn.index(v), markers=len(steps) < 40), label=v["ref"])
     ax.set_xlabel("optimizer step (each version's own run)")
     ax.set_ylabel("training loss")
     ax.set_title(title)
@@ -104,9 +116,9 @@ def curves(run: dict[str, Any], path: Path, title: str) -> None:
     tasks = run["tasks"]
     if points:
         # continual evaluation: x = global step; vertical lines mark task switches
-        for t in dict.fromkeys(t for p in points for t in p["scores"]):
+        for k, t in enumerate(dict.fromkeys(t for p in points for t in p["scores"])):
             xs = [p["x"] for p in points if t in p["scores"]]
-            ax.plot(xs, [p["scores"][t] for p in points if t in p["scores"]], marker=".", label=t)
+            ax.plot(xs, [p["scores"][t] for p in points if t in p["scores"]], **_style(k, markers=False), label=t)
         for p in points:
             if p.get("kind") == "start":
                 ax.axvline(p["x"], color="grey", lw=0.6, ls=":")
@@ -115,7 +127,7 @@ def curves(run: dict[str, Any], path: Path, title: str) -> None:
         for i, t in enumerate(tasks):
             ys = [row[i] if i < len(row) else None for row in run["R"]]
             xs = [k for k, y in enumerate(ys) if y is not None]
-            ax.plot(xs, [ys[k] for k in xs], marker="o", label=t)
+            ax.plot(xs, [ys[k] for k in xs], **_style(i), label=t)
         ax.set_xticks(range(len(tasks)), [f"after {t}" for t in tasks], rotation=20, ha="right")
     ax.set_ylim(-2, 102)
     ax.set_ylabel("score %")
