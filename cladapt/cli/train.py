@@ -1,4 +1,4 @@
-"""``cladapt train`` and ``cladapt config check``."""
+"""Training commands: ``cladapt train``, ``cladapt forget`` (forgetting methods, GS-LoRA) and ``cladapt config``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from cladapt.cli.common import (
     DATA_HELP,
     config_options,
     console,
     data_split_option,
+    flat_items,
     open_store,
     registry_option,
     scalar,
@@ -139,6 +141,87 @@ def train_cmd(
     console.print(f"details: cladapt show {record.task}@{record.version}; accuracy matrix: cladapt history")
 
 
+@click.command("forget")
+@click.option("--task", required=True, help="name of the forgetting version (e.g. forget-sentiment)")
+@click.option(
+    "--forget",
+    "forget",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="rows whose knowledge is removed (.jsonl/.json/.csv/...; repeatable)",
+)
+@click.option(
+    "--retain",
+    "retain",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="rows whose knowledge must be kept (repeatable)",
+)
+@click.option("--prototypes", is_flag=True, help="GS-LoRA++: add the prototype losses (method.prototypes=true)")
+@click.option("--method", default="gslora", show_default=True, help="a forgetting method (see `cladapt methods`)")
+@config_options
+@registry_option
+@click.option("--base-model", default=None, help="Hugging Face id or folder [default: smollm2-135m-instruct]")
+@click.option("--seed", type=int, default=None, help="shortcut for --set train.seed=N")
+@click.option("--resume", is_flag=True, help="continue an interrupted run of the same request")
+@click.option("--json", "as_json", is_flag=True, help="print the new version's record as JSON")
+def forget_cmd(
+    task: str,
+    forget: tuple[Path, ...],
+    retain: tuple[Path, ...],
+    prototypes: bool,
+    method: str,
+    configs: tuple[str, ...],
+    overrides: tuple[str, ...],
+    registry: Path | None,
+    base_model: str | None,
+    seed: int | None,
+    resume: bool,
+    as_json: bool,
+) -> None:
+    """Train a forgetting adapter (GS-LoRA, docs/methods.md §8) and commit it as a new version.
+
+    \b
+    cladapt forget --task forget-topics --forget topics.jsonl --retain sentiment.jsonl
+    cladapt forget --task forget-topics --forget topics.jsonl --retain sentiment.jsonl --prototypes
+
+    The adapter joins the active sum of adapters; groups (layers) it barely uses are pruned to
+    exactly zero. gslora.json records forget/retain CE and accuracy before and after.
+    """
+    from cladapt import distributed
+    from cladapt.config import load_config
+    from cladapt.train.distributed import main_first, start
+    from cladapt.train.run import train_from_config
+
+    start()  # several processes (torchrun): join them; process 0 alone commits and prints
+    extra = [f"base_model={base_model}"] if base_model else []
+    if seed is not None:
+        extra.append(f"train.seed={seed}")
+    if prototypes:
+        extra.append("method.prototypes=true")
+    cfg, _ = load_config(method=method, files=configs, overrides=[*overrides, *extra])
+    store = main_first(lambda: open_store(registry, create=True))
+    record = train_from_config(store, task, [str(p) for p in retain], cfg, forget_data=[str(p) for p in forget],
+                               resume=resume)
+    if not distributed.is_main():
+        return
+    if as_json:
+        click.echo(json.dumps(record.manifest.model_dump(mode="json"), indent=2))
+        return
+    stats = record.manifest.train_stats
+    console.print(
+        f"[bold]{record.task}@{record.version}[/] committed as {record.status} "
+        f"({record.method}, {stats.get('steps')} steps, loss {scalar(stats.get('train_loss'))})"
+    )
+    if record.manifest.metrics:
+        table = Table("metric", "value")
+        for key, value in flat_items(record.manifest.metrics):
+            table.add_row(key, value)
+        console.print(table)
+
+
 @click.group("config")
 def config_group() -> None:
     """Inspect and validate run configurations."""
@@ -168,4 +251,4 @@ def config_presets() -> None:
         click.echo(f"{kind}: {', '.join(preset_names(kind))}")
 
 
-commands: list[click.Command] = [train_cmd, config_group]
+commands: list[click.Command] = [train_cmd, forget_cmd, config_group]
