@@ -98,7 +98,10 @@ def test_bench_cl_smoke_resumes_and_reports(tmp_path, tiny_base_path) -> None:
     data = _fake_benchmark(tmp_path / "clb")
     out = tmp_path / "results"
     args = ["bench", "cl", "--data-dir", data, "--order", "o1", "--profile", "smoke", "--methods", "lora,inc-lora,mtl",
-            "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path, "--set", "lora.r=2", "--set", "train.batch_size=4"]
+            "--out", out, "--work-dir", tmp_path / "work", "--base-model", tiny_base_path, "--set", "lora.r=2", "--set", "train.batch_size=4",
+            "--max-new-tokens", "auto"]  # the smoke profile's own budget, named
+    bad = run(*args[:-1], "lots", ok=False)
+    assert bad.exit_code == 2 and "positive number of tokens or 'auto'" in bad.output
     printed = run(*args).output
     assert "inc-lora" in printed
     res = json.loads((out / "cl_o1_smoke.json").read_text())
