@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(Path(tmp), args)
     result["note"] = ("plumbing check, not a quality claim: a random frozen vision tower, a 135M language model, "
                       "a few LoRA steps per task on generated pictures")
+    result["train_loss_note"] = ("train_loss is the method's training objective: for O-LoRA on the second task it "
+                                 "includes lambda1 x the orthogonality penalty summed over modules, so it is not "
+                                 "comparable with the first task's")
     result["args"] = {k: str(v) for k, v in vars(args).items()}
     result["machine"] = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
