@@ -105,7 +105,7 @@ def test_cladapt_proxy_process_in_front_of_fake_vllm(served_registry, tmp_path) 
                 "model": "auto", "messages": [{"role": "user", "content": "the company does business"}]})
             assert r.status_code == 200 and r.headers["x-cladapt-adapter"] == "topics@1"
             assert r.json()["choices"][0]["message"]["content"] == "answered by topics@1"
-            assert (tmp_path / "adapters" / "topics-v1" / "adapter_config.json").is_file()
+            assert list((tmp_path / "adapters").glob("topics-v1-*/adapter_config.json"))  # per served model id
         finally:
             _stop(proc)
     assert [c[1]["lora_name"] for c in fake.calls if c[0] == "load"] == ["topics@1"]
