@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cladapt.adapters.compose import concat_config, factors, rank_concat
-from cladapt.base_model import BaseModelInfo, check_compatible
+from cladapt.base_model import DEFAULT_BASE_MODEL, BaseModelInfo, check_compatible
 from cladapt.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
@@ -134,6 +134,29 @@ class Applied:
         return ", ".join(self.refs) or "base model"
 
 
+def choose_base_model(
+    store: Store | None, *, adapters: Sequence[str] = (), compose: str | None = None, override: str | None = None
+) -> str:
+    """The base a command loads to apply adapters: the one they were trained on, unless told otherwise.
+
+    ``override`` (``--base-model``) wins; else the base of the first of ``adapters``; else, for
+    ``compose="sum"``, that of the newest active sum-composed version; else, with a registry, that
+    of its newest version (talking to the base a registry's adapters belong to); else the default.
+    A mismatch with an adapter's recorded fingerprint is refused later, when it is attached.
+    """
+    if override:
+        return override
+    if store is None:
+        return DEFAULT_BASE_MODEL
+    if adapters:
+        return str(store.get(adapters[0]).manifest.base_model.get("id") or DEFAULT_BASE_MODEL)
+    records = store.list()
+    if compose == "sum":
+        records = [r for r in records if r.status == "active" and r.composition == "sum"]
+    newest = max(records, key=lambda r: r.created, default=None)
+    return str(newest.manifest.base_model.get("id") or DEFAULT_BASE_MODEL) if newest else DEFAULT_BASE_MODEL
+
+
 @contextmanager
 def load_with_adapters(
     store: Store | None,
@@ -143,7 +166,7 @@ def load_with_adapters(
     base_model: str | None = None,
     device: str | None = None,
 ) -> Iterator[tuple[Any, Any, BaseModelInfo, Applied]]:
-    """Load the base the adapters belong to (:func:`cladapt.base_model.choose_base_model`) and apply them.
+    """Load the base the adapters belong to (:func:`choose_base_model`) and apply them.
 
     One entry point for every command that runs a model with registry adapters (``generate``,
     ``eval``): ``adapters`` (one or more versions, all active at once), ``compose="sum"`` (every
@@ -157,7 +180,7 @@ def load_with_adapters(
         UsageError: both ``adapters`` and ``compose``, or adapters without a registry.
         NotFound, IncompatibleBaseModel: an unknown version, or one trained on another base.
     """
-    from cladapt.base_model import choose_base_model, load
+    from cladapt.base_model import load
 
     if adapters and compose:
         raise UsageError("apply --adapter or --compose, not both")

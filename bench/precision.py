@@ -37,8 +37,8 @@ def train_step_seconds(model: Any, tok: Any, rows: Path, *, bf16: bool, args: ar
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from cladapt.data.rows import load_examples
     from cladapt.train.chat import encode_all
-    from cladapt.train.data import load_examples
     from cladapt.train.loop import Collator
 
     times: list[float] = []

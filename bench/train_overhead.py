@@ -138,8 +138,8 @@ def run_plain_peft(args: argparse.Namespace, timing_rows: Path) -> dict[str, Any
     from transformers import Trainer, TrainingArguments
 
     from cladapt.base_model import load
+    from cladapt.data.rows import load_examples
     from cladapt.train.chat import encode_all
-    from cladapt.train.data import load_examples
     from cladapt.train.loop import Collator
 
     model, tok, _ = load(args.base_model)

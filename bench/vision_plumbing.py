@@ -129,7 +129,7 @@ def answer_loss(model: Any, tok: Any, path: Path, *, batch_size: int = 8) -> flo
     """Mean loss over the answer tokens of ``path``'s rows (images through the processor, as in training)."""
     import torch
 
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
     from cladapt.train.vision_encode import VisionCollator, encode_vision
     from cladapt.vision import forward_inputs
 

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,6 @@ from cladapt.errors import IncompatibleBaseModel, ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from cladapt.registry.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -274,29 +273,6 @@ def load(
         resolved = folder
     info = BaseModelInfo(id=name_or_path, path=Path(resolved), fingerprint=fp, tokenizer_fingerprint=tok_fp)
     return model, tokenizer, info
-
-
-def choose_base_model(
-    store: Store | None, *, adapters: Sequence[str] = (), compose: str | None = None, override: str | None = None
-) -> str:
-    """The base a command loads to apply adapters: the one they were trained on, unless told otherwise.
-
-    ``override`` (``--base-model``) wins; else the base of the first of ``adapters``; else, for
-    ``compose="sum"``, that of the newest active sum-composed version; else, with a registry, that
-    of its newest version (talking to the base a registry's adapters belong to); else the default.
-    A mismatch with an adapter's recorded fingerprint is refused later, when it is attached.
-    """
-    if override:
-        return override
-    if store is None:
-        return DEFAULT_BASE_MODEL
-    if adapters:
-        return str(store.get(adapters[0]).manifest.base_model.get("id") or DEFAULT_BASE_MODEL)
-    records = store.list()
-    if compose == "sum":
-        records = [r for r in records if r.status == "active" and r.composition == "sum"]
-    newest = max(records, key=lambda r: r.created, default=None)
-    return str(newest.manifest.base_model.get("id") or DEFAULT_BASE_MODEL) if newest else DEFAULT_BASE_MODEL
 
 
 def check_compatible(expected: dict[str, Any], actual: BaseModelInfo, *, what: str) -> None:

@@ -1,7 +1,7 @@
 """Measuring routers: routing accuracy on labelled requests, and task scores when the router chooses.
 
 This module joins the serving side (a :class:`~cladapt.serve.routers.session.RoutingSession`) with
-the training side's data loading and scoring (``cladapt.train.data``, ``cladapt.evaluation.scoring``),
+the training side's data loading and scoring (``cladapt.data.rows``, ``cladapt.evaluation.scoring``),
 so, like ``cladapt.config``, it sits above both (layer 4); neither ``train/`` nor ``serve/`` imports it.
 It is the library behind ``cladapt route eval``, ``cladapt eval --router`` and ``bench/routing.py``.
 """
@@ -20,10 +20,10 @@ from cladapt.errors import DataError, Issue
 from cladapt.serve.routers.accuracy import RoutingAccuracy, routing_accuracy
 
 if TYPE_CHECKING:
+    from cladapt.data.rows import Example
     from cladapt.evaluation.scoring import EvalResult, EvalSet
     from cladapt.serve.routers.base import Route
     from cladapt.serve.routers.session import RoutingSession
-    from cladapt.train.data import Example
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _pack_rows(path: Path) -> tuple[list[Example], list[str]]:
 
     Review texts hold U+0085 and U+2028 inside strings; ``str.splitlines`` would cut rows there.
     """
-    from cladapt.train.data import Example, join_prompt
+    from cladapt.data.rows import Example, join_prompt
 
     examples: list[Example] = []
     inputs: list[str] = []
@@ -89,7 +89,7 @@ def _pack_rows(path: Path) -> tuple[list[Example], list[str]]:
 
 def rows_from_files(files: Sequence[Path], *, task: str | None = None) -> list[LabelledPrompt]:
     """Requests from data files; each row's task is its ``task`` field, else ``task``, else the file stem."""
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
 
     out = []
     for path in files:

@@ -10,7 +10,7 @@ runs the processor on it, which expands each placeholder to the model's image-to
 returns the pixel tensors.
 
 Images are read only here, when a batch is built (:func:`open_image`), so a data set of many
-pictures never sits in memory; rows are validated earlier by ``cladapt.train.vision_data``.
+pictures never sits in memory; rows are validated earlier by ``cladapt.data.image_rows``.
 
 LoRA on a VLM adapts the language model only by default (``lora.target_scope``): a plain
 ``["q_proj", "v_proj"]`` would also match the vision tower's attention, which changes how every

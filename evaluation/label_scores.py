@@ -46,11 +46,11 @@ def label_logprobs(
       attention kernels that take no custom mask (flash attention) and models without
       ``logits_to_keep``.
 
-    Vision-language bases score each row's labels in one unpacked pass (``cladapt.train.vision_eval``).
+    Vision-language bases score each row's labels in one unpacked pass (``cladapt.evaluation.vision_labels``).
     """
     conts = [_answer_ids(tokenizer, conversations[0], label) for label in labels] if conversations else []
     if processor_of(tokenizer) is not None:  # a vision-language base: images and the model's own positions
-        from cladapt.train.vision_eval import vision_label_logprobs
+        from cladapt.evaluation.vision_labels import vision_label_logprobs
 
         prompts = [render(tokenizer, c) for c in conversations]
         return vision_label_logprobs(model, tokenizer, prompts, conversations, conts, progress=progress)

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cladapt.budget import DEFAULT_MAX_NEW_TOKENS
+from cladapt.data.rows import Example, load_examples
 from cladapt.errors import ConfigError, DataError, Issue
 from cladapt.evaluation.label_scores import label_logprobs
 from cladapt.precision import autocast
 from cladapt.precision import resolve as resolve_precision
 from cladapt.text.generation import generate
-from cladapt.train.data import Example, load_examples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

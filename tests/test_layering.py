@@ -28,9 +28,6 @@ LEVELS = {"core": 0, "registry": 1, "adapters": 2, "config": 3, "evaluation": 4,
 
 #: imports that break the order today, each with the reason; remove an entry when its module moves
 ALLOWED = {
-    ("evaluation", "cladapt.train.data"): "Example and the row loader; data loading belongs below train and evaluation",
-    ("evaluation", "cladapt.train.vision_eval"): "label scoring on vision-language bases; belongs beside label_scores",
-    ("core", "cladapt.registry.store"): "base_model.choose_base_model reads versions (type only); belongs above registry",
 }
 
 

@@ -35,8 +35,8 @@ def test_autocast_changes_matmul_dtype_only_when_asked() -> None:
 
 def test_evaluate_records_precision_and_keys_scores_apart(tiny_loaded) -> None:
     from cladapt import evaluation as E
+    from cladapt.data.rows import Example
     from cladapt.evaluation.accuracy_matrix import score_key
-    from cladapt.train.data import Example
 
     model, tok, _ = tiny_loaded
     rows = [Example([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": g}], "mem", i)

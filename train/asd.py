@@ -51,6 +51,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cladapt.data.rows import Example
 from cladapt.train.asd_explain import (
     Generator,
     base_model_generator,
@@ -58,7 +59,6 @@ from cladapt.train.asd_explain import (
     explanations_for,
     normalize_answer,
 )
-from cladapt.train.data import Example
 
 if TYPE_CHECKING:
     from cladapt.config import AsdSettings

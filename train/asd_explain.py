@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cladapt.train.data import Example
+    from cladapt.data.rows import Example
 
 EXPLAIN_WORDS = {"BE": 20, "DE": 50}
 EXPLAIN_MAX_NEW_TOKENS = {"BE": 40, "DE": 90}

@@ -23,7 +23,7 @@ from cladapt.text.template import render
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from cladapt.train.data import Example
+    from cladapt.data.rows import Example
 
 IGNORE_INDEX = -100
 

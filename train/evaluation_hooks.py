@@ -85,7 +85,7 @@ def make_after_train(store: Store, cfg: RunConfig, task: str, eval_data: list[st
     if not (options.history or eval_data or policy is not None):
         return None
     if eval_data:
-        from cladapt.train.data import load_examples
+        from cladapt.data.rows import load_examples
 
         load_examples(eval_data)  # a bad eval file must fail now, not after training
     gone = [f for f in options.ppl_files or [] if not Path(f).is_file()]

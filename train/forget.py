@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cladapt.data.rows import Example, load_examples
 from cladapt.train.chat import encode_all
-from cladapt.train.data import Example, load_examples
 from cladapt.train.extensions import build_extensions
 from cladapt.train.run import RunContext, RunExtension, train_task
 from cladapt.train.vision_encode import collator_for

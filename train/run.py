@@ -32,13 +32,13 @@ from cladapt.adapters.compose import factors, folded
 from cladapt.adapters.targets import check_lora_fits
 from cladapt.base_model import BaseModelInfo, check_compatible
 from cladapt.base_model import load as load_base
+from cladapt.data.rows import Example, LoadedData, load_examples
 from cladapt.errors import CladaptError
 from cladapt.evaluation.gate import Admission
 from cladapt.evaluation.history_eval import TrainedModel
 from cladapt.registry.refs import validate_task_name
 from cladapt.train import quantization
 from cladapt.train.checkpoint_state import check_resumable
-from cladapt.train.data import Example, LoadedData, load_examples
 from cladapt.train.distributed import commit_once, on_main, require_deepspeed, start
 from cladapt.train.history import StoreHistory
 from cladapt.train.loop import CLTrainer

@@ -25,8 +25,8 @@ from cladapt.features import SIGNATURE_KIND, SIGNATURE_STEM, Signature, build_si
 
 if TYPE_CHECKING:
     from cladapt.base_model import BaseModelInfo
+    from cladapt.data.rows import Example
     from cladapt.registry.store import Store
-    from cladapt.train.data import Example
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def index_version(store: Store, ref: str, data_files: list[str], *, seed: int | 
 
     from cladapt.adapters.loading import attach
     from cladapt.base_model import check_compatible, load
+    from cladapt.data.rows import load_examples
     from cladapt.registry.fsio import dumps_json
-    from cladapt.train.data import load_examples
 
     rec = store.get(ref)
     explicit = f"{rec.task}@{rec.version}"

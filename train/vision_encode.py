@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from cladapt.data.rows import Example
 from cladapt.train.chat import IGNORE_INDEX, Encoded, _cut_middle, _segments
-from cladapt.train.data import Example
 from cladapt.train.loop import SIDE_KEYS, Collator
 from cladapt.vision import Processed, cat_vision, open_image, process, processor_of
 

@@ -47,8 +47,9 @@ def data_check(files: tuple[Path, ...], base_model: str | None, no_tokens: bool,
     cladapt data check data.csv --max-length 256 --json
     cladapt data check ./my-dataset --data-split test
     """
+    from cladapt.data.rows import load_examples
     from cladapt.errors import DataError
-    from cladapt.train.data import describe, load_examples
+    from cladapt.train.data_check import describe
 
     try:
         loaded = load_examples(files, split=data_split)
@@ -125,8 +126,8 @@ def asd_preview(
     cladapt asd preview amazon.jsonl --n 8
     cladapt asd preview amazon.jsonl --generator base --output amazon.asd.jsonl
     """
+    from cladapt.data.rows import load_examples
     from cladapt.train.asd import asd, base_model_generator, plan, target_styles, to_jsonl_rows
-    from cladapt.train.data import load_examples
 
     examples = load_examples([file]).examples
     gen, gen_id, tokenizer = None, "none", None

@@ -294,8 +294,8 @@ def generate_cmd(
     """
     from cladapt.adapters.loading import load_with_adapters
     from cladapt.budget import recorded_budget
+    from cladapt.data.image_rows import image_prompts
     from cladapt.text.generation import generate
-    from cladapt.train.vision_data import image_prompts
 
     if router is not None:
         _generate_routed(prompts, registry, adapters, compose, base_model, max_new_tokens, images, router, settings,

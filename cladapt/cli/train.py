@@ -110,7 +110,7 @@ def train_cmd(
     """
     from cladapt import distributed
     from cladapt.config import load_config
-    from cladapt.train.data_sources import with_split
+    from cladapt.data.sources import with_split
     from cladapt.train.distributed import main_first, start
     from cladapt.train.run import train_from_config
 

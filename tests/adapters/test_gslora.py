@@ -21,8 +21,8 @@ SHORT = {  # short prompts keep the toy runs cheap on 2 CPU cores
 
 
 def _encoded(tokenizer, kind: str, n: int = 16, batch: int = 8) -> list[dict[str, torch.Tensor]]:
+    from cladapt.data.rows import Example
     from cladapt.train.chat import encode_all
-    from cladapt.train.data import Example
     from cladapt.train.loop import Collator
 
     pairs = SHORT[kind]

@@ -48,7 +48,7 @@ def test_asd_preview(tmp_path: Path, tiny_base_path: Path) -> None:
     for out in (out1, out2):
         run("asd", "preview", path, "--base-model", tiny_base_path, "--seed", "3", "--output", out)
     assert out1.read_bytes() == out2.read_bytes()
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
 
     rows = load_examples([out1]).examples  # the converted file is valid training data
     assert len(rows) == 40 and sum("style" in r.meta for r in rows) == 8

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_run, set_args, task_rows, write_jsonl
 
+from cladapt.data.rows import load_examples
+from cladapt.data.sources import parse_source, with_split
 from cladapt.errors import DataError
-from cladapt.train.data import load_examples
-from cladapt.train.data_sources import parse_source, with_split
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import task_rows, write_jsonl
 
+from cladapt.data.rows import Example
 from cladapt.evaluation import general_text as P
 from cladapt.evaluation import label_scores as L
 from cladapt.evaluation import scoring as E
 from cladapt.text.template import render
-from cladapt.train.data import Example
 
 
 def _ex(prompt: str, answer: str) -> Example:

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from cladapt.data.rows import Example
 from cladapt.train.asd import RFP, asd, grade, to_jsonl_rows
 from cladapt.train.asd_explain import ExplainRequest, base_model_generator, clean_explanation, normalize_answer
-from cladapt.train.data import Example
 
 LABELS = ["Company", "Artist", "Film", "Plant", "Village", "Album"]
 

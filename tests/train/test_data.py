@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
+from cladapt.data.rows import conflicts, load_examples
 from cladapt.errors import DataError
 from cladapt.text.texts import load_texts
-from cladapt.train.data import conflicts, describe, load_examples
+from cladapt.train.data_check import describe
 
 
 def test_bad_rows_name_file_and_line(tmp_path: Path) -> None:

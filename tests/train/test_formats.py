@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cladapt.data.rows import Example, load_examples
 from cladapt.errors import DataError
 from cladapt.train.chat import IGNORE_INDEX, encode
-from cladapt.train.data import Example, load_examples
 
 ROWS = [
     {"instruction": "Sentiment?", "input": "the film was great", "output": "positive"},

@@ -92,7 +92,7 @@ def test_eval_set_limit_is_checked(two_tasks: dict[str, Path]) -> None:
 
 
 def test_null_fields_in_json_rows_name_file_line_and_field(tmp_path: Path) -> None:
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
 
     rows = task_rows("sentiment", 4)
     rows[2]["input"] = None
@@ -109,7 +109,7 @@ def test_null_fields_in_json_rows_name_file_line_and_field(tmp_path: Path) -> No
 
 
 def test_empty_cells_of_a_table_are_still_empty_strings(tmp_path: Path) -> None:
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
 
     csv = tmp_path / "rows.csv"
     csv.write_text("instruction,input,output\nsay yes,,yes\nsay no,please,no\n")

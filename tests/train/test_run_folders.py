@@ -47,7 +47,7 @@ def _cfg(tiny_base_path: Path, **extra: object):  # noqa: ANN202
 
 
 def _key(cfg: Any, data: Path) -> str:
-    from cladapt.train.data import load_examples
+    from cladapt.data.rows import load_examples
     from cladapt.train.run import run_key
 
     return run_key("sentiment", load_examples([data]).sha256, cfg)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from vision_helpers import image_task_rows, write_rows
 
+from cladapt.data.rows import load_examples
 from cladapt.train.chat import IGNORE_INDEX, encode
-from cladapt.train.data import load_examples
 
 
 @pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl"])

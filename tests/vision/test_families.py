@@ -95,9 +95,9 @@ def test_train_evaluate_export_reload_in_plain_peft(
     from cladapt.adapters.export import export_version
     from cladapt.adapters.loading import attach
     from cladapt.base_model import load
+    from cladapt.data.rows import load_examples
     from cladapt.evaluation.scoring import evaluate, load_eval_set
     from cladapt.registry.store import Store
-    from cladapt.train.data import load_examples
     from cladapt.train.run import train_task
 
     base = vlm_paths[family]

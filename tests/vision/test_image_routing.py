@@ -54,8 +54,8 @@ def routed(vlm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     from tiny_vlm import write_image
 
     from cladapt.base_model import load
+    from cladapt.data.rows import load_examples
     from cladapt.serve.routers.base import TaskView
-    from cladapt.train.data import load_examples
     from cladapt.train.signatures import compute_signature
     from cladapt.vision import language_model_path
 

@@ -8,8 +8,8 @@ import pytest
 from tiny_vlm import write_image
 from vision_helpers import write_rows
 
+from cladapt.data.rows import load_examples
 from cladapt.errors import DataError
-from cladapt.train.data import load_examples
 
 
 def test_short_form_and_chat_parts_resolve_relative_to_the_file(tmp_path: Path) -> None:

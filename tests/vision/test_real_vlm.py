@@ -30,9 +30,9 @@ def test_llava_smollm2_trains_on_images_and_exports(tmp_path: Path) -> None:
     from cladapt.adapters.export import export_version
     from cladapt.base_model import load
     from cladapt.config import load_config
+    from cladapt.data.rows import load_examples
     from cladapt.registry.store import Store
     from cladapt.text.generation import generate
-    from cladapt.train.data import load_examples
     from cladapt.train.run import train_task
 
     base = build_llava_smollm2(tmp_path / "model")

@@ -52,8 +52,8 @@ def test_readme_commands_train_eval_generate_with_images(vlm_paths: dict[str, Pa
 
 
 def test_asd_rewrites_vqa_rows_and_keeps_their_images(tmp_path: Path) -> None:
+    from cladapt.data.rows import load_examples
     from cladapt.train.asd import asd
-    from cladapt.train.data import load_examples
 
     rows = load_examples([write_rows(tmp_path / "vqa.jsonl", image_task_rows("colour", tmp_path, n=10))]).examples
     seen: list[tuple[str, ...]] = []

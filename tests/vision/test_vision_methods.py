@@ -48,8 +48,8 @@ def _sha_tree(folder: Path) -> dict[str, str]:
 def trained(request: pytest.FixtureRequest, vlm_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Trained:
     from cladapt.base_model import load
     from cladapt.config import load_config
+    from cladapt.data.rows import load_examples
     from cladapt.registry.store import Store
-    from cladapt.train.data import load_examples
     from cladapt.train.forget import forget_task
     from cladapt.train.run import train_task
 

@@ -1,6 +1,6 @@
 """Load and validate task data. Every bad row is reported at once, with file, line and field.
 
-Accepted sources (``cladapt.train.data_sources``): JSON Lines, JSON (an array of rows, or
+Accepted sources (``cladapt.data.sources``): JSON Lines, JSON (an array of rows, or
 ``{"data": [...]}``), CSV/TSV, Parquet, a dataset folder (``Dataset.save_to_disk`` or data files), or
 a dataset name for ``datasets.load_dataset`` (``imdb``, ``imdb:test``). Accepted rows:
 
@@ -11,7 +11,7 @@ a dataset name for ``datasets.load_dataset`` (``imdb``, ``imdb:test``). Accepted
 
 Image rows (vision-language bases) add images by local path: content parts
 ``{"type": "image", "image": PATH}`` in chat messages, or an ``image`` field on instruction rows
-(``cladapt.train.vision_data``); such a message carries ``images`` (absolute paths).
+(``cladapt.data.image_rows``); such a message carries ``images`` (absolute paths).
 
 Optional metadata fields (``task``, ``id``, ``source``, ``label``, ``meta``) are kept; any other
 field is an error, because a misspelt ``ouput`` would otherwise train on nothing.
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cladapt.data import image_rows
+from cladapt.data.sources import JSON_SUFFIXES, parse_source, read_source
 from cladapt.errors import DataError, Issue
-from cladapt.train import vision_data
-from cladapt.train.data_sources import JSON_SUFFIXES, parse_source, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def _messages_from_chat(rec: dict[str, Any], where: str, issues: list[Issue]) ->
     out: list[dict[str, Any]] = []
     for k, m in enumerate(msgs):
         at = f"{where}: messages[{k}]"
-        if vision_data.has_images(m) and set(m) <= {"role", "content", "images"} and m.get("role") in ROLES:
-            parsed = vision_data.parse_message(m, at, vision_data.base_dir(where.rsplit(":", 1)[0]), issues)
+        if image_rows.has_images(m) and set(m) <= {"role", "content", "images"} and m.get("role") in ROLES:
+            parsed = image_rows.parse_message(m, at, image_rows.base_dir(where.rsplit(":", 1)[0]), issues)
             if parsed is None:
                 return None
             out.append(parsed)
@@ -155,12 +155,12 @@ def _to_example(rec: Any, file: str, line: int, issues: list[Issue], *, null_ok:
             issues.append(Issue(where, f"unknown field(s) {unknown} in a chat row"))
         msgs = _messages_from_chat(rec, where, issues)
         return Example(msgs, file, line, meta) if msgs and not unknown else None
-    unknown = sorted(set(rec) - {*INSTRUCTION_FIELDS, *META_FIELDS, *vision_data.IMAGE_FIELDS})
+    unknown = sorted(set(rec) - {*INSTRUCTION_FIELDS, *META_FIELDS, *image_rows.IMAGE_FIELDS})
     before = len(issues)
     images = None
-    for key in vision_data.IMAGE_FIELDS:
+    for key in image_rows.IMAGE_FIELDS:
         if key in rec and rec[key] is not None:
-            images = (images or []) + (vision_data.image_list(rec[key], vision_data.base_dir(file), where, issues) or [])
+            images = (images or []) + (image_rows.image_list(rec[key], image_rows.base_dir(file), where, issues) or [])
     if unknown:
         issues.append(
             Issue(where, f"unknown field(s) {unknown}; rows use instruction/input/output or messages")
@@ -260,45 +260,3 @@ def conflicts(examples: list[Example]) -> list[tuple[str, str]]:
         elif first[key][0] != ex.answer:
             out.append((ex.where, first[key][1]))
     return out
-
-
-def _spread(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": pick(0.5), "p95": pick(0.95), "max": s[-1]}
-
-
-def describe(
-    loaded: LoadedData, *, tokenizer: Any = None, max_length: int | None = None, top_labels: int = 20
-) -> dict[str, Any]:
-    """Statistics of validated data for ``cladapt data check``: rows per file, label counts,
-    duplicates and conflicting answers, and with a tokenizer the token lengths (chat template
-    applied, as training sees them) and the rows longer than ``max_length``.
-    """
-    exs = loaded.examples
-    labels = label_counts(exs)
-    report: dict[str, Any] = {
-        "files": {f: sum(ex.file == f for ex in exs) for f in loaded.files},
-        "rows": len(exs),
-        "sha256": loaded.sha256,
-        "labels": {"distinct": len(labels), "top": dict(labels.most_common(top_labels))},
-        "duplicates": [{"where": w, "first": f} for w, f in loaded.duplicates],
-        "conflicts": [{"where": w, "first": f} for w, f in conflicts(exs)],
-    }
-    if tokenizer is not None:
-        from cladapt.train.chat import IGNORE_INDEX, encode
-
-        totals: list[int] = []
-        answers: list[int] = []
-        over: list[dict[str, Any]] = []
-        for ex in exs:
-            enc = encode(tokenizer, ex, max_length=1 << 30, overlong="truncate")
-            totals.append(len(enc.input_ids))
-            answers.append(sum(lab != IGNORE_INDEX for lab in enc.labels))
-            if max_length is not None and totals[-1] > max_length:
-                over.append({"where": ex.where, "tokens": totals[-1], "answer_tokens": answers[-1]})
-        report["tokens"] = {"total": _spread(totals), "answer": _spread(answers), "max_length": max_length}
-        report["overlong"] = over
-    return report

@@ -1,4 +1,4 @@
-"""Image rows: parse and validate the images a data row refers to (``cladapt.train.data`` calls in).
+"""Image rows: parse and validate the images a data row refers to (``cladapt.data.rows`` calls in).
 
 Two spellings, both by *local path*, relative to the data file's folder (a saved ``datasets``
 folder: relative to that folder); URLs and inline data are refused, so training never touches
