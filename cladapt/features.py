@@ -203,10 +203,13 @@ class SentenceEncoder:
     def __init__(self, folder: Path, *, max_length: int = MAX_LENGTH, device: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        from cladapt.base_model import quiet_loading
+
         self.folder = folder
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval()
+        with quiet_loading():  # no "Loading weights" bar inside a train or route command's output
+            self.model = AutoModel.from_pretrained(folder).eval()
         if device:
             self.model.to(device)
         self.dim = int(self.model.config.hidden_size)
