@@ -205,7 +205,7 @@ class Catalog:
         self.base_names = {served_name, base.id, *aliases}
         self.ttl = ttl
         self.scratch = scratch
-        self._resolved: dict[str, tuple[float, Target]] = {}
+        self._resolved: dict[str, tuple[float, Target, tuple[int, int, int] | None]] = {}
         self._sums: dict[str, tuple[str, ...]] = {}
         self._loras: dict[str, Path] = {}
 
@@ -222,11 +222,32 @@ class Catalog:
         if name in self._loras:
             return Target(f"lora:{name}", name)
         hit = self._resolved.get(name)
-        if hit is not None and hit[0] > time.monotonic():
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        stamp = self._status_stamp(name)
+        if hit is not None and stamp is not None and hit[2] == stamp:
+            # the task's status.json is the file every commit, promote and rollback replaces: while it
+            # is the same file, the resolution stands. One stat instead of a registry read keeps the
+            # event loop from stalling behind the decoding thread, which spread a wave of requests for
+            # distinct adapters over several batches.
+            self._resolved[name] = (now + self.ttl, hit[1], stamp)
             return hit[1]
         target = self._sum_of_active() if name == "sum" else self._version(name)
-        self._resolved[name] = (time.monotonic() + self.ttl, target)
+        self._resolved[name] = (now + self.ttl, target, stamp)
         return target
+
+    def _status_stamp(self, name: str) -> tuple[int, int, int] | None:
+        """(inode, mtime, size) of the named task's ``status.json``; None for ``sum`` or when unreadable."""
+        if name == "sum":
+            return None
+        from cladapt.registry.refs import AdapterRef
+
+        try:
+            st = (self.store.tasks_dir / AdapterRef.parse(name).task / "status.json").stat()
+        except (OSError, CladaptError):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def invalidate(self) -> None:
         """Forget cached resolutions (after a reload)."""
