@@ -158,12 +158,15 @@ def _cached_hash(kind: str, files: list[Path]) -> str:
 
 def fingerprint_folder(path: Path) -> tuple[str, str]:
     """(model fingerprint, tokenizer fingerprint) of a local model folder."""
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    weights = sorted(path.glob("*.safetensors"))
     # a vision-language base's image preprocessing is part of what the model sees
     config = [path / "config.json"] + [p for p in (path / "preprocessor_config.json", path / "processor_config.json") if p.is_file()]
     tok_files = [p for p in path.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
     if not weights:
-        raise ModelError(f"no weight files (*.safetensors) in {path}")
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        raise ModelError(f"no weight files (*.safetensors) in {path}"
+                         + (f"; {', '.join(pickled)} is a pickle, which cladapt never loads" if pickled else ""),
+                         hint="convert the weights to safetensors (transformers: save_pretrained(..., safe_serialization=True))")
     return _cached_hash("model", weights + config)[:32], _cached_hash("tokenizer", tok_files or config)[:32]
 
 
@@ -226,7 +229,8 @@ def _load_weights(resolved: Path | str, torch_dtype: Any, quantization: Any) -> 
     # quantization: a transformers BitsAndBytesConfig (train.quantization); the fingerprint is
     # that of the weight files, so adapters trained on the quantised base fit the full one
     quant = {"quantization_config": quantization} if quantization is not None else {}
-    return AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **quant), tokenizer
+    # safetensors only: a folder with only pytorch_model.bin (a pickle) is refused, never unpickled
+    return AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, use_safetensors=True, **quant), tokenizer
 
 
 def load(
@@ -250,6 +254,9 @@ def load(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ModelError(f"unknown dtype {dtype!r}", hint="use float32, bfloat16 or float16")
+    # a local folder is fingerprinted first: a folder without safetensors weights is refused, naming
+    # what it holds, before transformers is asked to load it
+    local_fp = fingerprint_folder(resolved) if isinstance(resolved, Path) else None
     try:
         with quiet_loading():
             model, tokenizer = _load_weights(resolved, torch_dtype, quantization)
@@ -263,8 +270,8 @@ def load(
     if device:
         model.to(device)
     model.eval()
-    if isinstance(resolved, Path):
-        fp, tok_fp = fingerprint_folder(resolved)
+    if local_fp is not None:
+        fp, tok_fp = local_fp
     else:
         from huggingface_hub import snapshot_download
 

@@ -209,7 +209,7 @@ class SentenceEncoder:
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         with quiet_loading():  # no "Loading weights" bar inside a train or route command's output
-            self.model = AutoModel.from_pretrained(folder).eval()
+            self.model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
         if device:
             self.model.to(device)
         self.dim = int(self.model.config.hidden_size)

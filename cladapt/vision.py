@@ -210,7 +210,7 @@ def load_model(folder: Path | str, dtype: torch.dtype) -> tuple[Any, VisionToken
 
     processor = load_processor(folder)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except ValueError as exc:
         raise ModelError(f"{folder}: not an image-text-to-text model transformers can load: {exc}") from exc
     if getattr(processor, "image_token", None) is None:

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: optimizer, scheduler, scaler and RNG state as safetensors + JSON.
 
 ``transformers.Trainer`` writes ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth`` and
-``training_args.bin`` with ``torch.save`` and reads them back with ``torch.load`` on
+``training_args.bin`` with ``torch.save`` and reads them back with torch's unpickler on
 ``resume_from_checkpoint``. Even with ``weights_only=True`` that is unpickling files found on disk,
 which cladapt never does. :class:`SafeCheckpointMixin` replaces those five files: every state is
 split into its tensors (one ``<name>.safetensors``) and everything else (one ``<name>.json``:
