@@ -10,6 +10,12 @@ gets :class:`QueueFull`, which the server answers with 503 and ``Retry-After`` i
 waits grow without bound. When a batch needs more distinct adapters than the cache holds, it is
 split: the requests that do not fit go back to the front of the queue, in order.
 
+With ``continuous`` on (the default), requests that arrive while a batch decodes join it between
+two decoding steps, in arrival order, as long as the request at the head of the queue can join:
+a text request whose adapter is already loaded (an ``auto`` one is routed first). A request that
+needs an adapter loaded, or an image request, stops the joining; the batch then drains and the
+next batch starts with it, so nothing waits behind a stream of joiners.
+
 Requests talk to the worker through a :class:`Sink` (thread-safe, bridged to asyncio by the app).
 """
 
@@ -80,6 +86,10 @@ class Planner(Protocol):
     def room_for(self, keys: set[str]) -> bool: ...
     def ensure(self, keys: Sequence[str]) -> list[str]: ...
 
+    def loaded_name(self, key: str) -> str | None:
+        """The PEFT name of ``key`` when it is loaded already (marked as used), else None."""
+        ...
+
 
 class Batcher:
     """The queue and the worker thread that decodes batches."""
@@ -92,11 +102,13 @@ class Batcher:
         max_batch_size: int = 8,
         window_s: float = 0.01,
         max_queue: int = 64,
+        continuous: bool = True,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.planner = planner
         self.max_batch_size = max_batch_size
+        self.continuous = continuous
         self.window_s = window_s
         self.max_queue = max_queue
         self._observe = observe or (lambda _name, _value: None)
@@ -196,11 +208,53 @@ class Batcher:
                 job.sink.started(job)
             self._observe("batch_size", len(rows))
             try:
-                self.engine.run(rows)
+                self.engine.run(rows, join=self._join if self.continuous else None)
             except Exception as exc:
                 for job in batch:
                     self.fail(job, exc)
                 raise
+
+    def _join(self, live: int) -> list[Row]:
+        """Queued requests that join the running batch now (engine hook, between decoding steps).
+
+        Takes from the head of the queue in order and stops at the first request that cannot join
+        (its adapter is not loaded, or it has an image), so that request starts the next batch.
+        """
+        from cladapt.serve.engine import BASE
+
+        rows: list[Row] = []
+        while live + len(rows) < self.max_batch_size:
+            with self._cond:
+                job = self._queue[0] if self._queue else None
+            if job is None or job.vision is not None:
+                break
+            if job.cancelled and not job.finished:
+                self.fail(job, CladaptError("the client disconnected"))
+            if not job.finished and job.needs_route:
+                t0 = time.perf_counter()
+                try:
+                    with self.engine.plain():  # routing runs the model without the batch's adapter hooks
+                        self.planner.route([job])
+                except Exception as exc:
+                    self.fail(job, exc)
+                self._observe("route_seconds", time.perf_counter() - t0)
+            if job.finished:
+                self._pop(job)
+                continue
+            name = BASE if job.key is None else self.planner.loaded_name(job.key)
+            if name is None:
+                break
+            self._pop(job)
+            job.sink.started(job)
+            rows.append(self._row(job, {job.key: name} if job.key else {}))
+        if rows:
+            self._observe("joined", len(rows))
+        return rows
+
+    def _pop(self, job: Job) -> None:
+        with self._cond:
+            if self._queue and self._queue[0] is job:
+                self._queue.popleft()
 
     def _load(self, batch: list[Job]) -> dict[str, str]:
         """Cache key -> PEFT name for the batch; an adapter that fails to load fails only its own requests."""

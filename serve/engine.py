@@ -8,6 +8,14 @@ and step. PEFT applies each row's adapter through ``adapter_names`` (``__base__`
 rows with different adapters share every matmul of the base model. Rows that finish leave the batch
 (their KV-cache rows are dropped), so a short answer does not pay for a long one.
 
+Continuous batching: between two decoding steps the engine asks its caller for rows that may join
+the running batch (``run(rows, join=...)``). A joining row is prefilled on its own, its first token
+chosen, and its KV cache merged into the batch's (both left-padded to the longer one), so a request
+that arrives while a batch decodes starts at the next step instead of waiting for the whole batch
+to finish (the iteration-level scheduling of Orca and vLLM). Leading cache columns that only
+padding uses are trimmed when rows leave. Merging needs plain ``DynamicCache`` layers; models with
+other cache layers (sliding windows) decode without joins.
+
 How rows get their adapters: PEFT's ``adapter_names`` loops over the distinct adapters of a batch
 in every LoRA layer (gather, two small matmuls, scatter per adapter), so 8 adapters cost ~8x the
 LoRA work of one. When every loaded adapter is a plain LoRA on ``Linear`` layers, the engine
@@ -23,10 +31,11 @@ so its answer does not depend on the batch either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +111,7 @@ class Engine:
         self.lock = threading.RLock()
         self.loaded: set[str] = set()
         self._stacked: StackedLora | None = None  # rebuilt when the loaded set changes
+        self._hooks: _Hooks | None = None  # the stacked path's switch while a batch decodes
         self.use_stacked = True
         text_config = getattr(model.config, "text_config", None)  # vision-language bases keep it there
         cfg_ctx = (getattr(model.config, "max_position_embeddings", None)
@@ -160,16 +170,16 @@ class Engine:
     # ------------------------------------------------------------------ decoding
 
     @torch.inference_mode()
-    def run(self, rows: Sequence[Row]) -> None:
-        """Decode ``rows`` together until every one has finished (each is answered as it finishes)."""
+    def run(self, rows: Sequence[Row], join: Join | None = None) -> None:
+        """Decode ``rows`` together until every one has finished (each is answered as it finishes).
+
+        ``join(n_live)``, when given, is called between decoding steps and returns text rows to add
+        to the running batch (their adapters must be loaded already: the loaded set cannot change
+        under a running batch). It is called outside any adapter hooks, so it may run the model
+        itself (routing).
+        """
         with self.lock:
-            unknown = {r.adapter for r in rows} - self.loaded - {BASE}
-            if unknown:
-                raise RuntimeError(f"adapters not loaded: {sorted(unknown)}")
-            for row in rows:
-                if row.sampling.temperature > 0:
-                    seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
-                    row.generator = torch.Generator(device="cpu").manual_seed(seed)
+            self._prepare(rows)
             for row in rows:
                 if row.vision:
                     self._generate_one(row)
@@ -177,11 +187,33 @@ class Engine:
             if not text_rows:
                 return
             stacked = self._stacked_lora() if self.loaded and self.use_stacked else None
-            if stacked is None:
-                self._decode(text_rows, None)
-                return
-            with stacked.active(self.model):
-                self._decode(text_rows, stacked)
+            self._hooks = _Hooks(stacked, self.model) if stacked is not None else None
+            try:
+                self._decode(text_rows, stacked, join)
+            finally:
+                if self._hooks is not None:
+                    self._hooks.off()
+                self._hooks = None
+
+    @contextlib.contextmanager
+    def plain(self) -> Iterator[None]:
+        """The model without a running batch's stacked-adapter hooks (routing a joiner between steps).
+
+        The hooks come back at the batch's next forward.
+        """
+        with self.lock:
+            if self._hooks is not None:
+                self._hooks.off()
+            yield
+
+    def _prepare(self, rows: Sequence[Row]) -> None:
+        unknown = {r.adapter for r in rows} - self.loaded - {BASE}
+        if unknown:
+            raise RuntimeError(f"adapters not loaded: {sorted(unknown)}")
+        for row in rows:
+            if row.sampling.temperature > 0:
+                seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
+                row.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def _generate_one(self, row: Row) -> None:
         """One image row through the model's own ``generate`` (the path of ``cladapt generate --image``).
@@ -232,22 +264,30 @@ class Engine:
             stacked.select([r.adapter for r in live])
         elif self.loaded:  # without any adapter the model is not wrapped and rows are all base
             kwargs["adapter_names"] = [r.adapter for r in live]
+        if stacked is not None and self._hooks is not None:
+            self._hooks.on()
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
             **{self._cache_kw: cache}, **kwargs,
         )
         return out.logits[:, -1, :].float()
 
-    def _decode(self, live: list[Row], stacked: StackedLora | None) -> None:
+    def _prefill(self, rows: list[Row], stacked: StackedLora | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill of ``rows``: (cache, mask, last positions [B, 1], next-token logits)."""
         from transformers import DynamicCache
 
-        width = max(len(r.prompt_ids) for r in live)
+        width = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=self.device)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(live, ids, mask, pos, cache, stacked)
+        logits = self._forward(rows, ids, mask, pos, cache, stacked)
+        return cache, mask, pos[:, -1:], logits
+
+    def _decode(self, live: list[Row], stacked: StackedLora | None, join: Join | None) -> None:
+        cache, mask, pos, logits = self._prefill(live, stacked)
+        joinable = join is not None and _mergeable(cache)
         while live:
             nxt = self._sample(live, logits)
             keep = [i for i, (row, tok) in enumerate(zip(live, nxt, strict=True)) if not self._advance(row, tok)]
@@ -258,10 +298,44 @@ class Engine:
                 cache.batch_select_indices(index)
                 mask, pos, nxt = mask[index], pos[index], [nxt[i] for i in keep]
                 live = [live[i] for i in keep]
+                if joinable:
+                    mask = _trim_padding(cache, mask)
+            if joinable:
+                assert join is not None
+                new = list(join(len(live)))
+                if new:
+                    mask, pos = self._admit(new, live, nxt, cache, mask, pos, stacked)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             pos = pos[:, -1:] + 1
             step = torch.tensor(nxt, device=self.device).unsqueeze(1)
             logits = self._forward(live, step, mask, pos, cache, stacked)
+
+    def _admit(self, new: list[Row], live: list[Row], nxt: list[int], cache: Any, mask: torch.Tensor,
+               pos: torch.Tensor, stacked: StackedLora | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill ``new``, choose their first tokens and merge the survivors into the running batch.
+
+        ``live`` and ``nxt`` are extended in place; returns the batch's new mask and positions.
+        """
+        if any(r.vision for r in new):
+            raise RuntimeError("image rows cannot join a running batch")
+        self._prepare(new)
+        n_cache, n_mask, n_pos, n_logits = self._prefill(new, stacked)
+        first = self._sample(new, n_logits)
+        keep = [i for i, (row, tok) in enumerate(zip(new, first, strict=True)) if not self._advance(row, tok)]
+        if not keep:
+            return mask, pos
+        if len(keep) < len(new):
+            index = torch.tensor(keep, device=self.device)
+            n_cache.batch_select_indices(index)
+            n_mask, n_pos = n_mask[index], n_pos[index]
+        width = max(mask.shape[1], n_mask.shape[1])
+        for layer, n_layer in zip(cache.layers, n_cache.layers, strict=True):
+            layer.keys = torch.cat([_pad_left(layer.keys, width, -2), _pad_left(n_layer.keys, width, -2)])
+            layer.values = torch.cat([_pad_left(layer.values, width, -2), _pad_left(n_layer.values, width, -2)])
+        live.extend(new[i] for i in keep)
+        nxt.extend(first[i] for i in keep)
+        mask = torch.cat([_pad_left(mask, width, -1), _pad_left(n_mask, width, -1)])
+        return mask, torch.cat([pos[:, -1:], n_pos])
 
     def _sample(self, live: list[Row], logits: torch.Tensor) -> list[int]:
         out = logits.argmax(-1).tolist()
@@ -317,3 +391,57 @@ class Engine:
 
     def _text(self, row: Row) -> str:
         return str(self.tokenizer.decode(row.generated, skip_special_tokens=True))
+
+
+Join = Callable[[int], Sequence[Row]]
+"""``join(n_live)``: rows that may join a running batch now (see :meth:`Engine.run`)."""
+
+
+def _mergeable(cache: Any) -> bool:
+    """Whether rows can be added to ``cache``: every layer a plain (growing, unwindowed) DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` zero-padded at the start of ``dim`` (the sequence axis) to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    pads = [0, 0] * (t.dim() - (dim % t.dim()) - 1) + [missing, 0]
+    return torch.nn.functional.pad(t, pads)
+
+
+def _trim_padding(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Drop leading cache columns that no remaining row attends to (padding of rows that left)."""
+    unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
+    if unused == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+    return mask[:, unused:]
+
+
+class _Hooks:
+    """On/off switch of the stacked path for one running batch.
+
+    Entering :meth:`StackedLora.active` costs tens of milliseconds on a real model (PEFT toggles
+    every LoRA layer), so the hooks stay on across steps and go off only when something between
+    steps needs the plain model (routing a joining request).
+    """
+
+    def __init__(self, stacked: StackedLora, model: Any) -> None:
+        self._stacked, self._model = stacked, model
+        self._ctx: contextlib.AbstractContextManager[None] | None = None
+
+    def on(self) -> None:
+        if self._ctx is None:
+            self._ctx = self._stacked.active(self._model)
+            self._ctx.__enter__()
+
+    def off(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)

@@ -45,6 +45,8 @@ class Metrics:
         self.rejected = Counter(f"{p}_rejected_requests", "requests refused with 503 (queue full)", registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "rows per decoded batch", buckets=(1, 2, 4, 8, 16, 32, 64),
                                     registry=r)
+        self.joined = Counter(f"{p}_joined_requests", "requests that joined a running batch between decoding steps",
+                              registry=r)
 
     def observe(self, name: str, value: float) -> None:
         """The batcher's hook: queue depth, batch sizes, per-request latency, routing time."""
@@ -52,6 +54,8 @@ class Metrics:
             self.queue_depth.set(value)
         elif name == "batch_size":
             self.batch_size.observe(value)
+        elif name == "joined":
+            self.joined.inc(value)
         elif name == "route_seconds":
             self.route_latency.observe(value)
         elif name == "latency":

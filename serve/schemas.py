@@ -223,6 +223,9 @@ class ServeConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's; 1 on a shared, busy CPU)")
     max_batch_size: int = Field(8, ge=1, description="rows generated together in one batch")
     batch_window_ms: float = Field(10.0, ge=0, description="how long the first request waits for others to join its batch")
+    continuous_batching: bool = Field(
+        True, description="requests arriving while a batch decodes join it between steps (else they wait for the next batch)"
+    )
     max_queue: int = Field(64, ge=1, description="requests admitted but not finished; beyond it: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 503")
     cache_capacity: int = Field(8, ge=1, description="adapters loaded into the serving model at once (LRU beyond)")

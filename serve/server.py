@@ -119,7 +119,7 @@ class Server:
             self._build_router(config.router)
         self.batcher = Batcher(self.engine, self, max_batch_size=config.max_batch_size,
                                window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
-                               observe=self.metrics.observe)
+                               continuous=config.continuous_batching, observe=self.metrics.observe)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,6 +230,9 @@ class Server:
             return self.cache.ensure(keys)
         finally:
             self.metrics.sync_cache(self.cache.stats, len(self.cache.loaded()))
+
+    def loaded_name(self, key: str) -> str | None:
+        return self.ensure([key])[0] if key in self.cache else None
 
     # ------------------------------------------------------------------ admin
 

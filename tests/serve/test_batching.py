@@ -218,3 +218,75 @@ def test_stacked_lora_path_matches_peft_adapter_names(served_registry, tiny_base
     finally:
         server.engine.use_stacked = True
         server.close()
+
+
+def test_rows_joining_a_running_batch_equal_each_alone(served_registry, tiny_base_path) -> None:
+    """Continuous batching: rows added between steps (prefilled alone, KV caches merged, padding
+    trimmed as rows leave) answer exactly what each answers alone."""
+    server = start_server(served_registry, tiny_base_path)
+    try:
+        targets = [server.catalog.resolve(m) for m in MODELS]
+        keys = sorted({t.key for t in targets if t.key})
+        names = dict(zip(keys, server.cache.ensure(keys), strict=True))
+        prompts = [p * (1 + i % 3) for i, p in enumerate(PROMPTS)]  # different lengths: padding on both sides
+        ids = [server.engine.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        lengths = [2, 9, 4, 7, 1, 6]  # rows leave at different steps; one joiner finishes on its first token
+
+        def row(i: int, out: dict[int, str]) -> Row:
+            return Row(ids[i], names[targets[i].key] if targets[i].key else BASE, Sampling(max_tokens=lengths[i]),
+                       on_done=lambda r, i=i: out.__setitem__(i, r.text))
+
+        alone: dict[int, str] = {}
+        for i in range(len(PROMPTS)):
+            server.engine.run([row(i, alone)])
+        joined: dict[int, str] = {}
+        schedule = {1: [2, 3], 3: [4], 4: [5]}  # call number -> rows that join then
+        calls: list[int] = []
+
+        def join(live: int) -> list[Row]:
+            calls.append(live)
+            return [row(i, joined) for i in schedule.get(len(calls), [])]
+
+        server.engine.run([row(0, joined), row(1, joined)], join=join)
+        assert joined == alone
+        assert len(calls) >= 5 and calls[1] == 3  # row 0 left after 2 tokens, rows 2 and 3 had joined
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("continuous", "model"), [(True, "topics"), (False, "topics"), (True, "auto")])
+def test_a_request_joins_a_running_batch(served_registry, tiny_base_path, continuous: bool, model: str) -> None:
+    """A short request sent while a long one streams is answered before the long one ends
+    (continuous batching; an ``auto`` one is routed between two steps), or only after it (off)."""
+    import threading
+
+    server = start_server(served_registry, tiny_base_path, batch_window_ms=0, continuous_batching=continuous,
+                          router="dtkr", router_config={"space": "base", "groups": 1, "keys": 5, "retrieve": 1})
+    long = {"model": "sentiment", "prompt": "the film", "max_tokens": 120, "temperature": 0, "stream": True}
+    short = {"model": model, "prompt": "the company", "max_tokens": 3, "temperature": 0}
+    try:
+        with BackgroundServer(create_app(server)) as bg:
+            solo = httpx.post(bg.url + "/v1/completions", json=short, timeout=60).json()
+            got: dict[str, object] = {}
+
+            def send_short() -> None:
+                got["short"] = httpx.post(bg.url + "/v1/completions", json=short, timeout=60).json()
+                got["long_done_when_short_answered"] = "long" in got
+
+            with httpx.stream("POST", bg.url + "/v1/completions", json=long, timeout=60) as r:
+                lines = r.iter_lines()
+                next(lines)  # the long request is decoding
+                sender = threading.Thread(target=send_short)
+                sender.start()
+                for _ in lines:
+                    pass
+                got["long"] = True
+            sender.join(60)
+            assert got["short"]["choices"][0]["text"] == solo["choices"][0]["text"]
+            assert got["short"]["model"] == solo["model"]  # the same adapter answered (routed: the same route)
+            assert got["long_done_when_short_answered"] is (not continuous)
+            joined = [ln for ln in httpx.get(bg.url + "/metrics").text.splitlines()
+                      if ln.startswith("cladapt_joined_requests_total")]
+            assert float(joined[0].split()[-1]) == (1.0 if continuous else 0.0)
+    finally:
+        server.close()
