@@ -2,9 +2,14 @@
 
 Bounded: every cell sends a fixed number of requests and the run stops by itself.
 
-Measured in one run, on one base model:
+Measured in one run, on one base model, every cell repeated ``--repeats`` times with the cells of
+one repetition interleaved (plain loop, then per concurrency: single / mix, continuous / window),
+so a drift of the machine hits every kind of cell alike; the summary gives the median and the
+range over repetitions, and every ratio is taken within a repetition:
   * output tokens/s and p50/p99 latency at each concurrency, with every request on ONE adapter and
     with 8 distinct adapters in the mix (target: mix >= 0.9x single);
+  * continuous batching (the default) against window-only batching (requests wait for the running
+    batch to finish) at ``--window-levels``;
   * the obvious alternative a user would write: a plain transformers + PEFT loop answering one
     request at a time with ``generate`` (target: the server at concurrency 8 >= 3x it);
   * routing overhead per request (dtkr on the base model's embeddings), a cold adapter load from
@@ -12,7 +17,7 @@ Measured in one run, on one base model:
 
     python bench/serving.py --smoke                       # tiny random model, ~1 minute (CI-sized)
     python bench/serving.py                               # the default 135M model; results/serving.json
-    python bench/serving.py --concurrency 1,4,8,16 --requests-per-slot 4 --max-tokens 32
+    python bench/serving.py --concurrency 1,4,8,16 --requests-per-slot 3 --max-tokens 32 --repeats 3
     python bench/serving.py --threads 1                   # on a shared, busy CPU (OpenMP spinning hurts there)
 
 Adapters are random LoRAs (r=8 on q_proj/v_proj, like a default train) committed to a scratch registry:
@@ -161,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, small sizes")
     ap.add_argument("--base-model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", default="1,4,8,16")
-    ap.add_argument("--requests-per-slot", type=int, default=4, help="requests per cell = this x concurrency (min 8)")
+    ap.add_argument("--requests-per-slot", type=int, default=3, help="requests per cell = this x concurrency (min 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every cell")
+    ap.add_argument("--window-levels", default="4,8", help="concurrencies also measured with continuous batching off")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every measurement (same for all)")
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.smoke:
-        levels, args.max_tokens = [c for c in levels if c <= 8], min(args.max_tokens, 8)
+        levels, args.max_tokens, args.repeats = [c for c in levels if c <= 8], min(args.max_tokens, 8), min(args.repeats, 2)
     with tempfile.TemporaryDirectory(prefix="cladapt-bench-serving-") as tmp:
         result = run(Path(tmp), args, levels)
     result["args"] = {k: str(v) for k, v in vars(args).items()}
@@ -186,26 +193,39 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    failed = sum(c["failed"] for c in result["cells"])
+    failed = sum(c.get("failed", 0) for c in result["cells"])
     return 1 if failed else 0
 
 
 def table(result: dict[str, Any]) -> str:
-    """The README's markdown table of one results file."""
-    by = {(c["mix"], c["concurrency"]): c for c in result["cells"]}
-    lines = ["| concurrency | 1 adapter tok/s | p50 / p99 s | 8-adapter mix tok/s | p50 / p99 s | mix / single |",
+    """The README's markdown table of one results file (medians over repetitions, [min-max] of ratios)."""
+    by = {(c["mode"], c["mix"], c["concurrency"]): c for c in result["summary"]}
+    ratios = result["ratios"]
+    lines = ["| concurrency | 1 adapter tok/s | p50 / p99 s | 8-adapter mix tok/s | p50 / p99 s | mix / single [range] |",
              "|---|---|---|---|---|---|"]
-    for c in sorted({c for _, c in by}):
-        one, mix = by[("single", c)], by[("mix", c)]
+    for c in sorted({c for m, _, c in by if m == "continuous"}):
+        one, mix = by[("continuous", "single", c)], by[("continuous", "mix", c)]
+        r = ratios[f"mix_over_single_c{c}"]
         lines.append(f"| {c} | {one['tokens_per_s']:.1f} | {one['p50_s']:.2f} / {one['p99_s']:.2f} | "
                      f"{mix['tokens_per_s']:.1f} | {mix['p50_s']:.2f} / {mix['p99_s']:.2f} | "
-                     f"{mix['tokens_per_s'] / one['tokens_per_s']:.2f} |")
-    plain = result["plain_peft_loop"]["tokens_per_s"]
-    lines.append(f"\nPlain transformers + PEFT loop, one request at a time: {plain:.1f} tok/s "
-                 f"(server at concurrency 8: {result['ratios'].get('c8_over_plain_loop', float('nan')):.2f}x). "
+                     f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |")
+    window = sorted({c for m, _, c in by if m == "window"})
+    if window:
+        lines += ["", "| concurrency | adapters | continuous tok/s | window-only tok/s | continuous / window [range] |",
+                  "|---|---|---|---|---|"]
+        for c in window:
+            for mix in ("single", "mix"):
+                r = ratios[f"continuous_over_window_{mix}_c{c}"]
+                lines.append(f"| {c} | {'1' if mix == 'single' else '8'} | {by[('continuous', mix, c)]['tokens_per_s']:.1f} | "
+                             f"{by[('window', mix, c)]['tokens_per_s']:.1f} | {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] |")
+    loop = result["plain_peft_loop"]
+    c8 = ratios.get("c8_over_plain_loop", {})
+    lines.append(f"\nPlain transformers + PEFT loop, one request at a time: {loop['tokens_per_s']:.1f} tok/s "
+                 f"(server at concurrency 8, one adapter: {c8.get('median', float('nan')):.2f}x "
+                 f"[{c8.get('min', float('nan')):.2f}-{c8.get('max', float('nan')):.2f}]). "
                  f"Routing (dtkr, base space) {result['routing_ms_per_request']} ms a request; cold adapter load "
                  f"{result['cold_load_ms']} ms; promote -> first answer of the new version "
-                 f"{result['promote_to_new_version_ms']} ms.")
+                 f"{result['promote_to_new_version_ms']} ms. Medians of {result['repeats']} interleaved repetitions.")
     return "\n".join(lines)
 
 
@@ -236,22 +256,72 @@ def run(tmp: Path, args: argparse.Namespace, levels: list[int]) -> dict[str, Any
         base = args.base_model
     loaded = load(base)
     tasks = build_registry(tmp / "reg", loaded, args.adapters)
-    out: dict[str, Any] = {"base_model": base, "adapters": len(tasks), "max_tokens": args.max_tokens, "cells": []}
-    out["plain_peft_loop"] = plain_loop(loaded, tmp / "reg", tasks, 8 if not args.smoke else 4, args.max_tokens)
-    print(f"plain transformers+PEFT loop: {out['plain_peft_loop']['tokens_per_s']} tok/s", file=sys.stderr)
-    out["cells"] = serve_cells(tmp / "reg", base, tasks, levels, args)
+    out: dict[str, Any] = {"base_model": base, "adapters": len(tasks), "max_tokens": args.max_tokens,
+                           "repeats": args.repeats}
+    window = [int(c) for c in args.window_levels.split(",") if c and int(c) in levels]
+    out["cells"] = serve_cells(tmp / "reg", base, tasks, levels, window, args, loaded)
     out.update(overheads(tmp / "reg", base, tasks, loaded))
-    by = {(c["mix"], c["concurrency"]): c for c in out["cells"]}
-    out["ratios"] = {
-        f"mix8_over_single_c{c}": round(by[("mix", c)]["tokens_per_s"] / by[("single", c)]["tokens_per_s"], 3)
-        for c in levels
-    }
-    if 8 in levels:
-        out["ratios"]["c8_over_plain_loop"] = round(by[("single", 8)]["tokens_per_s"] / out["plain_peft_loop"]["tokens_per_s"], 3)
+    out.update(summarise(out["cells"], levels, window))
     return out
 
 
-def serve_cells(reg: Path, base: str, tasks: list[str], levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "n": len(values)}
+
+
+def summarise(cells: list[dict[str, Any]], levels: list[int], window: list[int]) -> dict[str, Any]:
+    """Medians and ranges over repetitions; every ratio is formed within one repetition first."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    reps: dict[int, dict[tuple[str, str, int], dict[str, Any]]] = {}
+    loops: dict[int, float] = {}
+    for c in cells:
+        if c["mode"] == "plain-loop":
+            loops[c["rep"]] = c["tokens_per_s"]
+            continue
+        key = (c["mode"], c["mix"], c["concurrency"])
+        groups.setdefault(key, []).append(c)
+        reps.setdefault(c["rep"], {})[key] = c
+    summary = []
+    for (mode, mix, conc), cs in sorted(groups.items()):
+        summary.append({"mode": mode, "mix": mix, "concurrency": conc,
+                        "tokens_per_s": statistics.median(x["tokens_per_s"] for x in cs),
+                        "tokens_per_s_range": [min(x["tokens_per_s"] for x in cs), max(x["tokens_per_s"] for x in cs)],
+                        "p50_s": statistics.median(x["p50_s"] for x in cs), "p99_s": statistics.median(x["p99_s"] for x in cs),
+                        "mean_batch_rows": statistics.median(x["mean_batch_rows"] for x in cs),
+                        "joined": sum(x["joined"] for x in cs), "failed": sum(x["failed"] for x in cs), "n": len(cs)})
+
+    def ratio(num: tuple[str, str, int], den: tuple[str, str, int]) -> dict[str, float]:
+        return _spread([r[num]["tokens_per_s"] / r[den]["tokens_per_s"] for r in reps.values() if num in r and den in r])
+
+    ratios = {f"mix_over_single_c{c}": ratio(("continuous", "mix", c), ("continuous", "single", c)) for c in levels}
+    for c in window:
+        for mix in ("single", "mix"):
+            ratios[f"continuous_over_window_{mix}_c{c}"] = ratio(("continuous", mix, c), ("window", mix, c))
+    if 8 in levels:
+        ratios["c8_over_plain_loop"] = _spread([reps[r][("continuous", "single", 8)]["tokens_per_s"] / loops[r]
+                                                for r in reps if r in loops])
+    loop_values = list(loops.values())
+    plain = {"tokens_per_s": statistics.median(loop_values), "tokens_per_s_range": [min(loop_values), max(loop_values)]}
+    return {"summary": summary, "ratios": ratios, "plain_peft_loop": plain}
+
+
+def _batch_counters(url: str) -> tuple[float, float, float]:
+    """(batches started, rows they started with, requests that joined running batches) from /metrics."""
+    import httpx
+
+    values = {"cladapt_batch_size_count": 0.0, "cladapt_batch_size_sum": 0.0, "cladapt_joined_requests_total": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values["cladapt_batch_size_count"], values["cladapt_batch_size_sum"], values["cladapt_joined_requests_total"]
+
+
+def serve_cells(reg: Path, base: str, tasks: list[str], levels: list[int], window: list[int], args: argparse.Namespace,
+                loaded: tuple[Any, Any, Any]) -> list[dict[str, Any]]:
+    """Every repetition: the plain loop, then per concurrency single/mix x continuous/window, in an order
+    that alternates between repetitions."""
     from cladapt.registry.store import Store
     from cladapt.serve.app import create_app
     from cladapt.serve.running import BackgroundServer
@@ -260,21 +330,35 @@ def serve_cells(reg: Path, base: str, tasks: list[str], levels: list[int], args:
     config = load_serve_config(base_model=base, max_batch_size=max(levels), cache_capacity=len(tasks),
                                max_queue=4 * max(levels) * args.requests_per_slot)
     server = Server(config, Store.open(reg)).start()
-    cells = []
+    cells: list[dict[str, Any]] = []
+    n_loop = 8 if not args.smoke else 4
     try:
         with BackgroundServer(create_app(server)) as bg:
             warm = [{"model": t, "prompt": "hi", "max_tokens": 2, "temperature": 0} for t in tasks]
             asyncio.run(_load(bg.url, warm, len(tasks)))  # adapters loaded once: the cells measure decoding
-            for mix in ("single", "mix"):
+            for rep in range(args.repeats):
+                loop = plain_loop(loaded, reg, tasks, n_loop, args.max_tokens)
+                cells.append({"rep": rep, "mode": "plain-loop", "mix": "single", "concurrency": 1, **loop})
+                print(f"[{rep}] plain loop: {loop['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
                 for c in levels:
-                    n = max(8, args.requests_per_slot * c)
-                    bodies = [{"model": tasks[i % len(tasks)] if mix == "mix" else tasks[0],
-                               "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0}
-                              for i in range(n)]
-                    cell = {"mix": mix, "concurrency": c, **asyncio.run(_load(bg.url, bodies, c))}
-                    print(f"{mix:6s} c={c:2d}: {cell['tokens_per_s']:8.1f} tok/s  p50 {cell['p50_s']:.3f}s  "
-                          f"p99 {cell['p99_s']:.3f}s  failed {cell['failed']}", file=sys.stderr)
-                    cells.append(cell)
+                    kinds = [(m, x) for m in ("continuous", "window") if m == "continuous" or c in window
+                             for x in ("single", "mix")]
+                    for mode, mix in kinds if rep % 2 == 0 else kinds[::-1]:
+                        server.batcher.continuous = mode == "continuous"
+                        n = max(8, args.requests_per_slot * c)
+                        bodies = [{"model": tasks[i % len(tasks)] if mix == "mix" else tasks[0],
+                                   "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0}
+                                  for i in range(n)]
+                        b0, r0, j0 = _batch_counters(bg.url)
+                        cell = {"rep": rep, "mode": mode, "mix": mix, "concurrency": c, **asyncio.run(_load(bg.url, bodies, c))}
+                        b1, r1, j1 = _batch_counters(bg.url)
+                        cell["batches"], cell["joined"] = int(b1 - b0), int(j1 - j0)
+                        cell["mean_batch_rows"] = round((r1 - r0) / max(b1 - b0, 1), 2)
+                        print(f"[{rep}] {mode:10s} {mix:6s} c={c:2d}: {cell['tokens_per_s']:8.1f} tok/s  "
+                              f"p50 {cell['p50_s']:.3f}s  p99 {cell['p99_s']:.3f}s  batches {cell['batches']} "
+                              f"joined {cell['joined']}  failed {cell['failed']}", file=sys.stderr)
+                        cells.append(cell)
+            server.batcher.continuous = True
     finally:
         server.close()
     return cells
