@@ -16,7 +16,8 @@ WORDS = (
 ).split()
 
 
-def build_tiny(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny(folder: Path, *, seed: int = 0, heads: int = 4) -> Path:
+    """The tiny model in ``folder``; ``heads=1`` gives head_dim 64 (what vLLM's CPU attention kernels need)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,8 +45,8 @@ def build_tiny(folder: Path, *, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=min(2, heads),
         max_position_embeddings=512,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
