@@ -281,18 +281,26 @@ def main() -> None:
     for _ in range(args.repeats):
         for cell in cells:
             raw[cell].append(_child(args, cell[1], cell[2], cell[0]))
+            _write(args, _results(raw), quiet=True)  # every finished cell is on disk: a stopped run keeps them
+    _write(args, _results(raw))
+
+
+def _results(raw: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Summaries of the cells that have runs, with ratios against the baseline of their precision."""
     results = []
     for (precision, method, variant), runs in raw.items():
+        if not runs or not raw[(precision, BASELINE, "-")]:
+            continue
         s = _summarise(runs)
         plain = _summarise(raw[(precision, BASELINE, "-")])
         s.update(method=method, variant=variant, precision=precision,
                  ratio_vs_plain_peft=round(s["step_s_task2"] / plain["step_s_task2"], 3),
                  ratio_taskT_vs_task2=round(s["step_s_taskT"] / s["step_s_task2"], 3))
         results.append(s)
-    _write(args, results)
+    return results
 
 
-def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+def _write(args: argparse.Namespace, results: list[dict[str, Any]], *, quiet: bool = False) -> None:
     payload = {
         "benchmark": "train_overhead",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -308,6 +316,8 @@ def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2))
+    if quiet:
+        return
     print(f"{'precision':9} {'method':16} {'variant':9} {'step s t2':>9} {'p10-p90':>13} {'vs PEFT':>8} "
           f"{'T / 2':>6} {'pad':>5} {'peak MB':>8}")
     for r in results:
