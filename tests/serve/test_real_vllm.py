@@ -117,8 +117,8 @@ def test_proxy_in_front_of_real_vllm(vllm_url: tuple[str, Path], wide_registry: 
     def text(r: dict) -> str:
         return r["choices"][0]["text"].rstrip("\ufffd")
 
+    assert base_vllm.status_code == 200, base_vllm.text  # the base model, no adapter, under vLLM's served name
     for theirs, mine in ((explicit.json(), local), (routed.json(), local), (base_vllm.json(), base_local)):
         assert theirs["usage"]["completion_tokens"] == mine["usage"]["completion_tokens"]
         assert text(theirs) == text(mine)
-    assert base_vllm.status_code == 200, base_vllm.text  # the base model, no adapter, under vLLM's served name
     assert text(base_local) != text(local)  # the adapter changes the answer
